@@ -1,0 +1,3 @@
+from looper.cli import main
+
+raise SystemExit(main())

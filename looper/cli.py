@@ -1,0 +1,93 @@
+"""Command line: ``looper <stage> -c config.yaml key=value ...`` (also ``python -m looper``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+STAGES = {
+    # stage name: (module, function)
+    "sft": ("looper.loops.sft", "train_sft"),
+    "rollout": ("looper.loops.rollout", "collect_rollouts"),
+    "prefs": ("looper.loops.prefs", "build_preference_file"),
+    "dpo": ("looper.loops.dpo", "train_dpo"),
+    "eval": ("looper.loops.evaluate", "evaluate"),
+}
+
+
+def _stage_parser(name: str, help: str, sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help)
+    p.add_argument("-c", "--config", default=None, help="YAML config (default: built-in tiny CPU config)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.lr=1e-4 lora.r=32")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="looper", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _stage_parser("sft", "supervised fine-tuning (LoRA or full)", sub)
+    _stage_parser("rollout", "sample K trajectories per question and score them (Regime W)", sub)
+    _stage_parser("prefs", "build preference pairs from data/rollouts.jsonl", sub)
+    _stage_parser("dpo", "DPO against a frozen reference adapter", sub)
+    _stage_parser("eval", "evaluate base or base+adapter on GSM8K / Platinum / JSONL", sub)
+    p = _stage_parser("pipeline", "all five stages in order", sub)
+    p.add_argument("--stages", default=None, help="comma-separated subset, e.g. sft,rollout")
+    p.add_argument("--force", action="append", default=[], help="redo STAGE even if complete")
+    c = sub.add_parser("compare", help="compare eval files: accuracy, fixes/breaks, McNemar")
+    c.add_argument("files", nargs="+", help="outputs/<name>_eval.jsonl files; the first is the baseline")
+    c.add_argument("--markdown", default=None, help="where to write the Markdown table")
+    b = sub.add_parser("build-tiny", help="build the offline tiny model and tokenizer")
+    b.add_argument("-c", "--config", default=None)
+    b.add_argument("overrides", nargs="*")
+    b.add_argument("--out", required=True)
+    return parser
+
+
+def _load(args):
+    from looper.config import load_config
+
+    path = args.config
+    if path is None:
+        from looper.paths import default_config_path
+
+        path = default_config_path()
+    return load_config(path, args.overrides)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import importlib
+
+    from looper.config import ConfigError
+    from looper.io import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "compare":
+            from looper.loops.evaluate import compare
+
+            compare(args.files, markdown_path=args.markdown)
+            return 0
+        cfg = _load(args)
+        if args.command == "build-tiny":
+            from looper.models import build_tiny_model
+
+            build_tiny_model(args.out, cfg.model.tiny)
+            print(f"tiny model written to {args.out}")
+            return 0
+        if args.command == "pipeline":
+            from looper.loops.pipeline import run_pipeline
+
+            stages = args.stages.split(",") if args.stages else None
+            run_pipeline(cfg, stages=stages, force=args.force)
+            return 0
+        module, fn = STAGES[args.command]
+        getattr(importlib.import_module(module), fn)(cfg)
+        return 0
+    except (ConfigError, DataError) as e:
+        print(f"looper {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

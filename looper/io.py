@@ -1,0 +1,130 @@
+"""JSONL reading and writing with errors that name the file and line.
+
+Standard library only (``looper.regime_w`` and ``looper prefs`` use it without torch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file and line, and what was expected."""
+
+
+def iter_jsonl(path: str, required: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, record)`` for each non-blank line; blank lines are skipped.
+
+    A line that is not a JSON object, or lacks a ``required`` field, raises ``DataError``.
+    """
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            missing = [k for k in required if k not in rec]
+            if missing:
+                raise DataError(
+                    f"{path}:{lineno}: missing field(s) {missing}; each record needs {list(required)}"
+                )
+            yield lineno, rec
+
+
+def read_jsonl(path: str, required: Sequence[str] = (), allow_empty: bool = False) -> list[dict]:
+    """Read a whole JSONL file; an empty file is an error unless ``allow_empty``."""
+    records = [rec for _, rec in iter_jsonl(path, required)]
+    if not records and not allow_empty:
+        raise DataError(f"{path}: the file holds no records")
+    return records
+
+
+def read_jsonl_prefix(path: str, key: str) -> tuple[list[dict], int]:
+    """Read the complete records of a file that is being appended to (for resume).
+
+    Returns the records and the byte length of the valid prefix. A torn last line (a
+    crash mid-write, no trailing newline) is ignored; a malformed line anywhere else is
+    corruption and raises ``DataError`` rather than being overwritten.
+    """
+    if not os.path.exists(path):
+        return [], 0
+    with open(path, "rb") as f:
+        data = f.read()
+    records: list[dict] = []
+    good = 0
+    lines = data.split(b"\n")
+    for i, raw in enumerate(lines):
+        is_last = i == len(lines) - 1
+        if is_last:  # text after the final newline: a torn write, never a complete record
+            break
+        if not raw.strip():
+            good += len(raw) + 1
+            continue
+        try:
+            rec = json.loads(raw)
+            if not isinstance(rec, dict) or key not in rec:
+                raise ValueError
+        except ValueError:
+            raise DataError(
+                f"{path}:{i + 1}: corrupted record in a partial output file (expected a JSON object "
+                f"with '{key}'); move the file away or fix that line, it will not be overwritten"
+            ) from None
+        records.append(rec)
+        good += len(raw) + 1
+    return records, good
+
+
+def write_jsonl_atomic(path: str, records: Iterable[dict]) -> int:
+    """Write records to ``path`` through a temporary file and a rename. Returns the count."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            n += 1
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return n
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class JsonlAppender:
+    """Append one record per line and flush it, so a killed run loses at most one line."""
+
+    def __init__(self, path: str, truncate_to: Optional[int] = None):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if truncate_to is not None and os.path.exists(path):
+            with open(path, "r+b") as f:
+                f.truncate(truncate_to)
+        self._f = open(path, "a", encoding="utf-8")
+
+    def write(self, rec: dict) -> None:
+        self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
