@@ -47,12 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args):
     from looper.config import load_config
 
-    path = args.config
-    if path is None:
-        from looper.paths import default_config_path
-
-        path = default_config_path()
-    return load_config(path, args.overrides)
+    # no -c: the embedded default (the dataclass defaults are the tiny CPU config)
+    return load_config(args.config, args.overrides)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

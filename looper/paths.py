@@ -5,11 +5,6 @@ from __future__ import annotations
 import os
 
 
-def default_config_path() -> str:
-    """The embedded default config, shipped inside the package."""
-    return os.path.join(os.path.dirname(__file__), "configs", "tiny_cpu.yaml")
-
-
 def checkpoint_dir(cfg, name: str) -> str:
     return os.path.join(cfg.run.output_dir, "checkpoints", name)
 
