@@ -1,0 +1,252 @@
+"""Models, tokenizers and LoRA adapters.
+
+- ``load_tokenizer`` / ``load_base_model``: a causal LM by hub id or local directory.
+- ``attach_lora`` / ``load_adapter``: PEFT adapters, trainable or frozen.
+- ``build_tiny_model``: an offline Llama-architecture model with a BPE tokenizer trained
+  with the ``tokenizers`` package, saved in Hugging Face format so it loads through the
+  same ``from_pretrained`` path as GAIR/Abel-7B-002.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Iterable, Optional
+
+import torch
+
+from looper.config import ConfigError, Config, LoraConfig, ModelConfig, TinyModelConfig
+
+TINY = "tiny"
+_TINY_MARKER = "looper_tiny.json"
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("run.device: cuda was asked for but no GPU is available")
+        return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise ConfigError(f"run.device: expected auto, cpu or cuda, got {name!r}")
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` means bf16 on GPU, fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+# --------------------------------------------------------------------------- base model
+
+
+def base_model_path(cfg: Config) -> str:
+    """Where the base model comes from: a hub id, a local dir, or the tiny model's dir."""
+    if cfg.model.name_or_path == TINY:
+        return os.path.join(cfg.run.output_dir, "base_model")
+    return cfg.model.name_or_path
+
+
+def ensure_base_model(cfg: Config) -> str:
+    """Return the base model path, building the offline tiny model first if needed."""
+    path = base_model_path(cfg)
+    if cfg.model.name_or_path == TINY and not os.path.exists(os.path.join(path, _TINY_MARKER)):
+        build_tiny_model(path, cfg.model.tiny, synthetic=cfg.data.synthetic)
+    return path
+
+
+def load_tokenizer(path: str, model_cfg: Optional[ModelConfig] = None):
+    from transformers import AutoTokenizer
+
+    mc = model_cfg or ModelConfig()
+    tok = AutoTokenizer.from_pretrained(
+        path, trust_remote_code=mc.trust_remote_code, revision=mc.revision
+    )
+    if tok.eos_token_id is None:
+        raise ConfigError(f"tokenizer at {path} has no EOS token; completions must end with one")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding is always masked, so reusing EOS is safe
+    return tok
+
+
+def load_base_model(
+    path: str,
+    model_cfg: Optional[ModelConfig] = None,
+    device: torch.device | str = "cpu",
+    dtype: Optional[torch.dtype] = None,
+):
+    """Load a causal LM from a hub id or local directory (safetensors weights)."""
+    from transformers import AutoModelForCausalLM
+
+    mc = model_cfg or ModelConfig()
+    device = torch.device(device)
+    dtype = dtype or resolve_dtype(mc.dtype, device)
+    kwargs = dict(dtype=dtype, trust_remote_code=mc.trust_remote_code, revision=mc.revision)
+    if mc.attn_implementation:
+        kwargs["attn_implementation"] = mc.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False  # training default; the generation engine turns it on
+    return model.to(device)
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def attach_lora(model, lora_cfg: LoraConfig):
+    """Wrap ``model`` with a new, trainable LoRA adapter named ``default``."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    target = lora_cfg.target_modules
+    peft_cfg = PeftLoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=target,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def check_adapter_dir(path: str, what: str = "adapter") -> None:
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise ConfigError(
+            f"{what} not found: {path} has no adapter_config.json "
+            "(expected a PEFT adapter folder such as <output_dir>/checkpoints/sft_lora)"
+        )
+
+
+def load_adapter(model, path: str, trainable: bool, adapter_name: str = "default"):
+    """Load a PEFT adapter onto ``model`` (a base model, or a PeftModel to add a second one)."""
+    from peft import PeftModel
+
+    check_adapter_dir(path)
+    if isinstance(model, PeftModel):
+        model.load_adapter(path, adapter_name=adapter_name, is_trainable=trainable)
+        return model
+    return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=trainable)
+
+
+def merged_model(model, adapter_path: Optional[str]):
+    """Base + adapter with LoRA merged into the weights, in memory only (never written back)."""
+    if adapter_path is None:
+        return model
+    peft_model = load_adapter(model, adapter_path, trainable=False)
+    return peft_model.merge_and_unload()
+
+
+def decoder_layers(model) -> list:
+    """The decoder blocks of a (possibly PEFT-wrapped) causal LM, for sharding and checkpointing."""
+    inner = model
+    for attr in ("base_model", "model"):  # PeftModel -> LoraModel -> *ForCausalLM
+        if inner.__class__.__name__.startswith("Peft") or inner.__class__.__name__ == "LoraModel":
+            inner = getattr(inner, attr, inner)
+    if hasattr(inner, "model") and hasattr(inner.model, "layers"):
+        return list(inner.model.layers)
+    if hasattr(inner, "model") and hasattr(inner.model, "model") and hasattr(inner.model.model, "layers"):
+        return list(inner.model.model.layers)
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def count_params(model, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# --------------------------------------------------------------------------- tiny model
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, split_digits: bool = True):
+    """Train a byte-level BPE tokenizer offline and wrap it for ``transformers``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    pre = [pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    if split_digits:  # one token per digit, as Llama does: arithmetic gets regular
+        pre.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(pre)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_tiny_model(
+    out_dir: str,
+    tiny: Optional[TinyModelConfig] = None,
+    corpus: Optional[Iterable[str]] = None,
+    synthetic=None,
+) -> str:
+    """Build a small Llama and its tokenizer with no download; save in HF format.
+
+    ``corpus`` trains the tokenizer; by default, synthetic GSM8K-style problems. The folder
+    is written atomically and loads with ``AutoModelForCausalLM`` / ``AutoTokenizer``.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = tiny or TinyModelConfig()
+    if corpus is None:
+        from looper.data.synthetic import corpus as synthetic_corpus
+
+        kw = {}
+        if synthetic is not None:
+            kw = dict(min_steps=synthetic.min_steps, max_steps=synthetic.max_steps, max_number=synthetic.max_number)
+        corpus = synthetic_corpus(tiny.corpus_size, seed=tiny.seed + 12345, **kw)
+    tokenizer = train_bpe_tokenizer(corpus, tiny.vocab_size, tiny.split_digits)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_kv_heads,
+        max_position_embeddings=tiny.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tiny.seed)
+        model = LlamaForCausalLM(config)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, _TINY_MARKER), "w") as f:
+        json.dump({"built_by": "looper.models.build_tiny_model", **tiny.__dict__}, f, indent=2)
+    replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def replace_dir(src: str, dst: str) -> None:
+    """Move finished folder ``src`` to ``dst``, replacing an old ``dst`` with one rename each."""
+    if os.path.exists(dst):
+        old = f"{dst}.old.{os.getpid()}"
+        os.rename(dst, old)
+        os.rename(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(src, dst)
