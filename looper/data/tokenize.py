@@ -1,0 +1,155 @@
+"""Prompt/completion tokenization, loss masks, length-grouped batching and collation.
+
+Prompt and completion are tokenized separately and then joined, so the boundary between
+them never shifts with the tokenizer's merges. The completion ends with EOS. Labels are
+-100 on the prompt and on padding, so the loss covers the completion only.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from looper.io import DataError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    prompt_len: int
+    truncated: bool
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+def encode_completion(tokenizer, completion: str) -> list[int]:
+    return tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def join_truncate(
+    prompt_ids: list[int], completion_ids: list[int], max_length: int, mode: str, where: str = ""
+) -> tuple[list[int], list[int], bool]:
+    """Join prompt and completion within ``max_length``.
+
+    Truncation keeps the end of the prompt (its first token, BOS, is kept too) and the start
+    of the completion; the prompt keeps at least half the budget when it needs it. With
+    ``mode="error"`` an over-long row raises instead.
+    """
+    total = len(prompt_ids) + len(completion_ids)
+    if total <= max_length:
+        return prompt_ids, completion_ids, False
+    if mode == "error":
+        raise DataError(
+            f"{where}prompt + completion is {total} tokens, more than data.max_length={max_length} "
+            "(set data.truncation=truncate to cut it instead)"
+        )
+    keep_c = min(len(completion_ids), max_length - min(len(prompt_ids), max_length // 2))
+    keep_p = max_length - keep_c
+    p = prompt_ids[-keep_p:]
+    if keep_p > 1 and p[0] != prompt_ids[0]:
+        p = [prompt_ids[0]] + prompt_ids[-(keep_p - 1):]  # keep BOS
+    return p, completion_ids[:keep_c], True
+
+
+def encode_example(tokenizer, prompt: str, completion: str, max_length: int, mode: str, where: str = "") -> Encoded:
+    p, c, truncated = join_truncate(
+        encode_prompt(tokenizer, prompt), encode_completion(tokenizer, completion), max_length, mode, where
+    )
+    return Encoded(p + c, [IGNORE_INDEX] * len(p) + c, len(p), truncated)
+
+
+def encode_sft_rows(tokenizer, rows: Sequence[dict], max_length: int, mode: str) -> tuple[list[Encoded], int]:
+    """Encode rows with ``prompt`` and ``completion`` text; returns examples and the truncated count."""
+    out = []
+    for i, row in enumerate(rows):
+        where = f"row {row.get('question_id', i)}: "
+        if not row["completion"]:
+            raise DataError(f"{where}empty completion")
+        out.append(encode_example(tokenizer, row["prompt"], row["completion"], max_length, mode, where))
+    return out, sum(e.truncated for e in out)
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffle, sort by length inside windows of 64 batches, cut into batches, shuffle batches.
+
+    Deterministic for (seed, epoch): every rank computes the same list and takes its share.
+    """
+    rng = random.Random(f"{seed}-{epoch}")
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    window = batch_size * 64
+    batches = []
+    for s in range(0, len(idx), window):
+        chunk = sorted(idx[s : s + window], key=lambda i: (lengths[i], i))
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: Sequence[Encoded], pad_id: int, pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row. Padding has label -100 and attention 0."""
+    width = max(len(e.input_ids) for e in examples)
+    width = -(-width // pad_to_multiple) * pad_to_multiple
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for r, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[r, :n] = torch.tensor(e.input_ids)
+        labels[r, :n] = torch.tensor(e.labels)
+        mask[r, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class MicroBatches:
+    """The micro-batch schedule of a training run, identical on every rank.
+
+    Optimizer step ``s`` uses global micro-batches ``s*A*W .. s*A*W + A*W - 1`` (A = grad
+    accumulation, W = world size); rank ``r`` takes those with index ``= r (mod W)``. So a
+    run with W ranks and A steps of accumulation sees the same examples per optimizer step
+    as one rank with A*W steps. Each epoch reshuffles; an epoch's tail that cannot fill an
+    optimizer step is dropped.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, per_step: int, seed: int):
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.per_step = per_step
+        self.seed = seed
+        n = len(self.lengths) // batch_size if len(self.lengths) >= batch_size else 0
+        self.steps_per_epoch = n // per_step
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"{len(self.lengths)} training examples cannot fill one optimizer step of "
+                f"{per_step} micro-batches x {batch_size} rows; lower batch_size or grad_accum, "
+                "or add data"
+            )
+        self._cache: dict[int, list[list[int]]] = {}
+
+    def step(self, step: int) -> list[list[int]]:
+        """All A*W micro-batches (lists of example indices) of optimizer step ``step``."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch not in self._cache:
+            self._cache = {epoch: length_grouped_batches(self.lengths, self.batch_size, self.seed, epoch)}
+        return self._cache[epoch][k * self.per_step : (k + 1) * self.per_step]
+
+    def for_rank(self, step: int, rank: int, world: int) -> list[list[int]]:
+        return self.step(step)[rank::world]
+
+
+def iter_eval_batches(n: int, batch_size: int, rank: int, world: int) -> Iterator[list[int]]:
+    """Disjoint, deterministic shards of ``range(n)`` for evaluation passes."""
+    mine = list(range(rank, n, world))
+    for s in range(0, len(mine), batch_size):
+        yield mine[s : s + batch_size]

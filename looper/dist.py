@@ -1,0 +1,209 @@
+"""Everything about processes and sharding lives here, and only here.
+
+- ``init_distributed``: a process group from torchrun's environment (``RANK``, ``WORLD_SIZE``,
+  ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``), or a single process of world size 1. gloo
+  on CPU, nccl on GPU. The single process also gets a (size-1) group, so one code path --
+  FSDP2 included -- serves a laptop and 8xH100.
+- ``shard_model``: FSDP2 ``fully_shard`` on each decoder layer, then on the root; bf16
+  parameters with fp32 reductions on GPU, fp32 on CPU.
+- ``no_sync``: switch gradient reduction off for all but the last accumulation micro-step.
+- Reductions, a barrier, global-norm clipping, and full state dicts gathered on rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
+    """Join (or create) the default process group. Safe to call more than once."""
+    from looper.models import pick_device
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=timeout_s)
+        if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+            kw = {"device_id": dev} if dev.type == "cuda" else {}
+            dist.init_process_group(backend=backend, timeout=timeout, **kw)
+        else:  # plain `python`: a group of one, in memory, so FSDP2 works unchanged
+            dist.init_process_group(
+                backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+def shard_model(model: torch.nn.Module, layers: Iterable[torch.nn.Module], device: torch.device):
+    """FSDP2: ``fully_shard`` every decoder layer, then the root module.
+
+    On GPU, parameters are gathered in bf16 and gradients reduced in fp32; the sharded
+    master copies keep their stored dtype. On CPU everything stays fp32.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy()
+    for layer in layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def set_grad_sync(model: torch.nn.Module, enabled: bool) -> None:
+    """Gradient accumulation: reduce-scatter only on the last micro-step."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+
+
+# --------------------------------------------------------------------------- reductions
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (returns a new tensor; the input is untouched)."""
+    y = x.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    return all_reduce_sum(x) / get_world_size()
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    y = x.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(y, op=dist.ReduceOp.MAX)
+    return y
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip by the global norm over all ranks' shards; returns the pre-clip norm (a local tensor)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # a DTensor from sharded gradients
+        norm = norm.full_tensor()
+    return norm
+
+
+def all_gather_object(obj) -> list:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# --------------------------------------------------------------------------- state dicts
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The unsharded value of a (possibly DTensor) parameter. Collective: call on every rank."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def gather_full_state_dict(model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """Full, unsharded CPU tensors on rank 0 (an empty dict elsewhere). Collective.
+
+    ``trainable_only`` gathers just the parameters that require grad (a LoRA adapter),
+    one at a time, so a 7B frozen base is never gathered to save an adapter.
+    """
+    if not trainable_only:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=opts)
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        t = full_tensor(p.detach())
+        if is_main():
+            out[name] = t.to("cpu", copy=True)
+    return out
+
+
+def sharded_train_state(model, optimizer, trainable_only: bool) -> dict:
+    """Model and optimizer state as sharded tensors, for torch.distributed.checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(ignore_frozen_params=trainable_only)
+    msd, osd = get_state_dict(model, optimizer, options=opts)
+    return {"model": msd, "optim": osd}
+
+
+def load_sharded_train_state(model, optimizer, state: dict, trainable_only: bool) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    opts = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=opts
+    )
+
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the body first (e.g. builds a file), then the others."""
+    if not is_main():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            barrier()

@@ -1,0 +1,181 @@
+"""Direct Preference Optimization losses and metrics.
+
+Pure tensor functions: no model, no config and no ``torch.distributed``.
+
+The loss is the sigmoid loss of Rafailov et al. (2023), "Direct Preference
+Optimization: Your Language Model is Secretly a Reward Model", eq. 7:
+
+    L_DPO = -E[ log sigma( beta * log(pi(y_w|x) / pi_ref(y_w|x))
+                         - beta * log(pi(y_l|x) / pi_ref(y_l|x)) ) ]
+
+With ``label_smoothing = eps > 0`` the preference label is treated as flipped
+with probability ``eps`` (the conservative "cDPO" form):
+
+    L = -(1 - eps) * log sigma(h) - eps * log sigma(-h)
+
+where ``h`` is the argument of the sigmoid above.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from looper.losses.sft import shifted_token_logps
+
+__all__ = [
+    "sequence_logps",
+    "num_completion_tokens",
+    "dpo_loss",
+    "chosen_nll",
+    "preference_metrics",
+]
+
+
+def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Sum of the completion-token log-probabilities of each row.
+
+    ``logits[:, t]`` is scored against ``labels[:, t + 1]`` (``labels`` aligned
+    with ``input_ids``, as in Hugging Face). Positions labelled
+    ``ignore_index`` (prompt, padding on either side) add nothing, so padding
+    never changes the result. The arithmetic runs in fp32 (fp64 input stays
+    fp64) over the scored positions only, in chunks, so no ``[B, T, V]`` fp32
+    copy of the logits is built.
+
+    Args:
+        logits: ``[B, T, V]`` model outputs, any floating dtype.
+        labels: ``[B, T]`` integer labels.
+        ignore_index: label value to skip.
+
+    Returns:
+        ``[B]`` tensor of summed log-probs (0 for a row with no scored token),
+        differentiable with respect to ``logits``.
+    """
+    token_logps, rows = shifted_token_logps(logits, labels, ignore_index)
+    out = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+    return out.index_add(0, rows, token_logps)
+
+
+def num_completion_tokens(labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Number of scored tokens per row (``[B]`` int64), matching :func:`sequence_logps`."""
+    if labels.dim() != 2:
+        raise ValueError(f"labels must have shape [B, T], got {tuple(labels.shape)}")
+    return (labels[:, 1:] != ignore_index).sum(dim=-1)
+
+
+def _as_float(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    # Half-precision inputs are upcast; fp32 and fp64 are kept as they are.
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair sigmoid DPO loss (Rafailov et al. 2023, eq. 7), optionally conservative.
+
+    With ``h = beta * ((pc - rc) - (pr - rr))`` (policy/reference log-prob of
+    the chosen and rejected completions), the loss of each pair is
+
+        losses = -(1 - label_smoothing) * logsigmoid(h) - label_smoothing * logsigmoid(-h)
+
+    ``label_smoothing = 0`` is plain DPO; ``0 < label_smoothing < 0.5`` is cDPO,
+    which assumes each preference label is wrong with that probability.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: ``[B]`` summed log-probs
+            under the trained policy (these carry the gradient).
+        reference_chosen_logps, reference_rejected_logps: ``[B]`` summed
+            log-probs under the frozen reference.
+        beta: inverse temperature of the implicit reward, ``> 0``.
+        label_smoothing: ``0 <= label_smoothing < 0.5``.
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]`` and fp32
+        (or fp64 for fp64 input). ``losses`` is per pair (the caller reduces);
+        the rewards are ``beta * (policy - reference)`` and are detached.
+
+    Raises:
+        ValueError: on shape mismatch, ``beta <= 0`` or ``label_smoothing``
+            outside ``[0, 0.5)``.
+    """
+    pc = _as_float("policy_chosen_logps", policy_chosen_logps)
+    pr = _as_float("policy_rejected_logps", policy_rejected_logps)
+    rc = _as_float("reference_chosen_logps", reference_chosen_logps)
+    rr = _as_float("reference_rejected_logps", reference_rejected_logps)
+    shapes = {
+        "policy_chosen_logps": tuple(pc.shape),
+        "policy_rejected_logps": tuple(pr.shape),
+        "reference_chosen_logps": tuple(rc.shape),
+        "reference_rejected_logps": tuple(rr.shape),
+    }
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"dpo_loss needs four log-prob tensors of the same shape, got {shapes}")
+    if pc.dim() != 1:
+        raise ValueError(f"dpo_loss expects [B] log-prob tensors (one per pair), got shape {tuple(pc.shape)}")
+    beta = float(beta)
+    if not math.isfinite(beta) or beta <= 0.0:
+        raise ValueError(f"beta must be a finite number > 0, got {beta}")
+    label_smoothing = float(label_smoothing)
+    if not (0.0 <= label_smoothing < 0.5):
+        raise ValueError(f"label_smoothing must satisfy 0 <= label_smoothing < 0.5, got {label_smoothing}")
+
+    chosen_logratios = pc - rc
+    rejected_logratios = pr - rr
+    h = beta * (chosen_logratios - rejected_logratios)
+    losses = -F.logsigmoid(h) * (1.0 - label_smoothing)
+    if label_smoothing > 0.0:
+        losses = losses - F.logsigmoid(-h) * label_smoothing
+    chosen_rewards = (beta * chosen_logratios).detach()
+    rejected_rewards = (beta * rejected_logratios).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def chosen_nll(chosen_logps: Tensor, chosen_num_tokens: Tensor) -> Tensor:
+    """Length-normalized negative log-likelihood of the chosen completions.
+
+    ``-chosen_logps / chosen_num_tokens`` per row (``[B]``); a row with no
+    tokens gives 0. The loop adds ``nll_weight * chosen_nll(...)`` to the DPO
+    loss to keep the likelihood of the preferred answers from drifting down.
+    """
+    if chosen_logps.shape != chosen_num_tokens.shape:
+        raise ValueError(
+            f"chosen_logps {tuple(chosen_logps.shape)} and chosen_num_tokens "
+            f"{tuple(chosen_num_tokens.shape)} must have the same shape"
+        )
+    denom = chosen_num_tokens.to(chosen_logps.dtype).clamp(min=1.0)
+    return -chosen_logps / denom
+
+
+def preference_metrics(
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+) -> dict[str, Tensor]:
+    """Per-pair DPO metrics under their usual names (detached ``[B]`` tensors; the loop reduces them).
+
+    ``rewards/accuracies`` is 1.0 where the chosen reward is strictly larger
+    than the rejected one, and ``rewards/margins`` is chosen minus rejected.
+    """
+    cr = chosen_rewards.detach().float()
+    rr = rejected_rewards.detach().float()
+    return {
+        "rewards/chosen": cr,
+        "rewards/rejected": rr,
+        "rewards/accuracies": (cr > rr).float(),
+        "rewards/margins": cr - rr,
+        "logps/chosen": policy_chosen_logps.detach().float(),
+        "logps/rejected": policy_rejected_logps.detach().float(),
+    }

@@ -1,0 +1,160 @@
+"""Supervised fine-tuning loss: cross-entropy on completion tokens only.
+
+Everything here is a pure tensor function: no model, no config and no
+``torch.distributed``. The training loop decides how to normalize (it divides
+the returned sum by the global token count over accumulation steps and ranks).
+
+Alignment follows the Hugging Face convention: ``labels`` has the same shape as
+``input_ids`` and the functions shift internally, so ``logits[:, t]`` is scored
+against ``labels[:, t + 1]``. Positions whose label equals ``ignore_index``
+(prompt and padding) contribute nothing.
+
+Memory: a causal LM's logits are ``[B, T, V]`` with a large ``V``, usually in
+bf16. Rather than upcasting the whole tensor to fp32, only the rows that have a
+valid target are gathered, and the fp32 arithmetic runs over those rows in
+chunks inside a custom autograd function that saves the gathered rows in their
+original dtype plus one fp32 log-normalizer per row. The fp32 working set is one
+chunk at a time, in the forward and in the backward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["masked_cross_entropy", "shifted_token_logps"]
+
+# Upper bound on the number of elements of one fp32 working chunk (64 Mi
+# elements, 256 MiB). With a 32k vocabulary this is about 2k rows at once.
+_CHUNK_ELEMENTS = 1 << 26
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half-precision and fp32 inputs; never downcasts (fp64 stays fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_rows(num_cols: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(1, num_cols))
+
+
+class _RowTokenLogProbs(torch.autograd.Function):
+    """``out[i] = log_softmax(x[i])[target[i]]`` in fp32 (or wider), chunked over rows.
+
+    Saves ``x`` in its own dtype and the per-row logsumexp; the backward pass
+    recomputes the softmax one chunk at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
+        cdtype = _compute_dtype(x.dtype)
+        n, v = x.shape
+        lse = torch.empty(n, dtype=cdtype, device=x.device)
+        out = torch.empty(n, dtype=cdtype, device=x.device)
+        step = _chunk_rows(v)
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            xs = x[s:e].to(cdtype)
+            lse[s:e] = torch.logsumexp(xs, dim=-1)
+            out[s:e] = xs.gather(-1, target[s:e, None]).squeeze(-1) - lse[s:e]
+        ctx.save_for_backward(x, target, lse)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, target, lse = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            cdtype = lse.dtype
+            n, v = x.shape
+            grad_x = torch.empty_like(x)
+            g = grad_out.to(cdtype)
+            step = _chunk_rows(v)
+            for s in range(0, n, step):
+                e = min(n, s + step)
+                # d out_i / d x_ij = [j == target_i] - softmax(x_i)_j
+                p = torch.exp(x[s:e].to(cdtype) - lse[s:e, None])
+                p.mul_(-g[s:e, None])
+                p.scatter_add_(-1, target[s:e, None], g[s:e, None])
+                grad_x[s:e] = p.to(x.dtype)
+        return grad_x, None
+
+
+def _check_inputs(logits: Tensor, labels: Tensor) -> None:
+    if not isinstance(logits, Tensor) or not isinstance(labels, Tensor):
+        raise TypeError("logits and labels must be torch.Tensor")
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have shape [B, T, V], got {tuple(logits.shape)}")
+    if labels.dim() != 2:
+        raise ValueError(f"labels must have shape [B, T], got {tuple(labels.shape)}")
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on [B, T]; "
+            "labels must be aligned with input_ids (the functions shift internally)"
+        )
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+
+
+def shifted_token_logps(
+    logits: Tensor, labels: Tensor, ignore_index: int = -100
+) -> tuple[Tensor, Tensor]:
+    """Log-probabilities of the valid target tokens, after the causal shift.
+
+    Args:
+        logits: ``[B, T, V]``, any floating dtype.
+        labels: ``[B, T]`` integer tensor aligned with ``input_ids``.
+        ignore_index: label value that marks positions to skip.
+
+    Returns:
+        ``(token_logps, row_index)``: ``token_logps`` is ``[N]`` in fp32 (fp64
+        for fp64 logits), one entry per position ``t`` with
+        ``labels[b, t + 1] != ignore_index``, in row-major order; ``row_index``
+        is ``[N]`` int64, the batch row ``b`` of each entry.
+    """
+    _check_inputs(logits, labels)
+    vocab = logits.shape[-1]
+    targets = labels[:, 1:]
+    valid = targets != ignore_index
+    rows, cols = valid.nonzero(as_tuple=True)
+    target_ids = targets[rows, cols].long()
+    if target_ids.numel() and bool(((target_ids < 0) | (target_ids >= vocab)).any()):
+        bad = target_ids[(target_ids < 0) | (target_ids >= vocab)][0].item()
+        raise ValueError(
+            f"label {bad} is outside the vocabulary [0, {vocab}) and is not ignore_index={ignore_index}"
+        )
+    # logits[:, t] predicts labels[:, t + 1]; gathering rows copies only N x V.
+    selected = logits[rows, cols]
+    token_logps = _RowTokenLogProbs.apply(selected, target_ids)
+    return token_logps, rows
+
+
+def masked_cross_entropy(
+    logits: Tensor, labels: Tensor, ignore_index: int = -100
+) -> tuple[Tensor, Tensor]:
+    """Summed next-token cross-entropy over the non-ignored target tokens.
+
+    ``logits[:, t]`` is scored against ``labels[:, t + 1]``; the label at
+    position 0 is never a target. The arithmetic runs in fp32 whatever the
+    dtype of ``logits`` (fp64 input stays fp64).
+
+    Args:
+        logits: ``[B, T, V]`` model outputs.
+        labels: ``[B, T]`` aligned with ``input_ids``; ``ignore_index`` marks
+            prompt and padding positions.
+        ignore_index: label value to skip.
+
+    Returns:
+        ``(loss_sum, num_tokens)``: the sum of the per-token losses (an fp32
+        scalar, differentiable with respect to ``logits``) and the number of
+        target tokens that were scored (an int64 scalar). When every label is
+        ignored, both are 0 and the gradient is zero (never NaN). Divide by the
+        (global) token count to get the mean loss.
+    """
+    token_logps, _ = shifted_token_logps(logits, labels, ignore_index)
+    loss_sum = -token_logps.sum()
+    num_tokens = torch.tensor(token_logps.numel(), dtype=torch.int64, device=labels.device)
+    return loss_sum, num_tokens
