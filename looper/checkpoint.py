@@ -46,10 +46,16 @@ def _finish(tmp: str, target: str) -> None:
     dist.barrier()  # every rank has written its part
     if dist.is_main():
         replace_dir(tmp, target)
+        # leftovers of earlier saves of this target that were killed before their rename
+        parent, name = os.path.split(os.path.abspath(target))
+        for stale in glob.glob(os.path.join(parent, glob.escape(f".tmp-{name}-") + "*")):
+            shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
 
 
-def save_adapter(model, tokenizer, out_dir: str, extra: Optional[dict] = None) -> None:
+def save_adapter(
+    model, tokenizer, out_dir: str, extra: Optional[dict] = None, adapter_name: str = "default"
+) -> None:
     """Save a PEFT adapter (every rank's shard, gathered on rank 0) plus the tokenizer.
 
     The result is a plain PEFT folder that ``PeftModel.from_pretrained`` loads.
@@ -57,7 +63,7 @@ def save_adapter(model, tokenizer, out_dir: str, extra: Optional[dict] = None) -
     full = dist.gather_full_state_dict(model, trainable_only=True)
     tmp = _tmp_dir(out_dir)
     if dist.is_main():
-        model.save_pretrained(tmp, state_dict=full, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=full, safe_serialization=True, selected_adapters=[adapter_name])
         tokenizer.save_pretrained(tmp)
         if extra:
             with open(os.path.join(tmp, "looper_info.json"), "w") as f:

@@ -153,3 +153,42 @@ def iter_eval_batches(n: int, batch_size: int, rank: int, world: int) -> Iterato
     mine = list(range(rank, n, world))
     for s in range(0, len(mine), batch_size):
         yield mine[s : s + batch_size]
+
+
+# --------------------------------------------------------------------------- preference pairs
+
+
+@dataclass
+class PairEncoded:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    truncated: bool
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+def encode_pair(
+    tokenizer, prompt: str, chosen: str, rejected: str, max_length: int, mode: str, where: str = ""
+) -> PairEncoded:
+    """Tokenize the prompt once and each completion separately (each ends with EOS).
+
+    Truncation treats the longer completion as the one to fit, so chosen and rejected keep
+    exactly the same prompt tokens.
+    """
+    p = encode_prompt(tokenizer, prompt)
+    c = encode_completion(tokenizer, chosen)
+    r = encode_completion(tokenizer, rejected)
+    longer = c if len(c) >= len(r) else r
+    p2, kept, truncated = join_truncate(p, longer, max_length, mode, where)
+    room = max_length - len(p2)
+    return PairEncoded(p2, c[:room], r[:room], truncated)
+
+
+def collate_pairs(pairs: Sequence[PairEncoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """One concatenated batch: rows ``0..B-1`` are chosen, ``B..2B-1`` rejected."""
+    rows = [Encoded(p.prompt_ids + p.chosen_ids, [IGNORE_INDEX] * len(p.prompt_ids) + p.chosen_ids, len(p.prompt_ids), p.truncated) for p in pairs]
+    rows += [Encoded(p.prompt_ids + p.rejected_ids, [IGNORE_INDEX] * len(p.prompt_ids) + p.rejected_ids, len(p.prompt_ids), p.truncated) for p in pairs]
+    return collate(rows, pad_id)

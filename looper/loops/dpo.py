@@ -1,0 +1,304 @@
+"""Direct Preference Optimization: ``train_dpo(cfg)``, one function, top to bottom.
+
+Policy = base + SFT adapter (trainable); reference = base + SFT adapter (frozen).
+
+Reference log-probs come from one no-grad pass before training (``dpo.reference:
+precomputed``), sharded across ranks and cached on disk under a key that hashes the pair
+file, the adapter weights, the tokenizer and ``max_length``. Because the policy starts as
+the SFT adapter, that pass runs on the freshly built policy before any update or resume.
+With ``dpo.reference: online`` the frozen adapter stays loaded beside the policy under the
+name ``reference`` and is switched in for a no-grad pass at every step.
+
+Chosen and rejected go through one concatenated forward pass. The loss is averaged over
+the pairs of the whole optimizer step (all micro-steps, all ranks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from typing import Optional
+
+import torch
+
+from looper import checkpoint, dist, paths
+from looper.config import Config, ConfigError, save_config
+from looper.data.tokenize import MicroBatches, PairEncoded, collate_pairs, encode_pair
+from looper.io import DataError, iter_jsonl
+from looper.losses.dpo import chosen_nll, dpo_loss, num_completion_tokens, preference_metrics, sequence_logps
+from looper.loops.common import (
+    build_optimizer,
+    build_policy,
+    check_finite,
+    equal_shards,
+    lr_lambda,
+    seed_everything,
+    shard,
+    split_val,
+    stage_dirs,
+    total_steps,
+    trainable_params,
+)
+from looper.metrics import MetricsLog, Throughput, progress
+from looper.models import check_adapter_dir
+
+PAIR_FIELDS = ("pair_id", "prompt", "chosen", "rejected")
+METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+# --------------------------------------------------------------------------- setup helpers
+
+
+def resolve_inputs(cfg: Config) -> tuple[str, str]:
+    """The SFT adapter and the pair file, checked before anything is built."""
+    adapter = cfg.dpo.adapter
+    if adapter in (None, "none"):
+        raise ConfigError("dpo.adapter: DPO needs the SFT adapter (policy and reference both start from it)")
+    if adapter == "auto":
+        adapter = paths.checkpoint_dir(cfg, "sft_lora")
+    check_adapter_dir(adapter, "dpo.adapter")
+    pairs = cfg.dpo.pairs or paths.preferences_path(cfg)
+    if not os.path.exists(pairs):
+        raise DataError(f"{pairs}: preference file not found (run `looper prefs` first, or set dpo.pairs)")
+    return adapter, pairs
+
+
+def load_pairs(path: str, tokenizer, max_length: int, mode: str) -> tuple[list[PairEncoded], list[str], int]:
+    """Encode every pair; returns examples, pair ids and the number truncated."""
+    examples, ids = [], []
+    for lineno, rec in iter_jsonl(path, PAIR_FIELDS):
+        for key in ("prompt", "chosen", "rejected"):
+            if not isinstance(rec[key], str) or (key != "prompt" and not rec[key].strip()):
+                raise DataError(f"{path}:{lineno}: field '{key}' must be a non-empty string")
+        examples.append(encode_pair(tokenizer, rec["prompt"], rec["chosen"], rec["rejected"], max_length, mode, f"{path}:{lineno}: "))
+        ids.append(str(rec["pair_id"]))
+    if not examples:
+        raise DataError(f"{path}: zero preference pairs; DPO has nothing to learn from")
+    return examples, ids, sum(e.truncated for e in examples)
+
+
+def _sha256_file(path: str, h) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+
+
+def reference_cache_key(pairs_path: str, adapter: str, tokenizer, max_length: int, truncation: str) -> str:
+    h = hashlib.sha256()
+    _sha256_file(pairs_path, h)
+    _sha256_file(os.path.join(adapter, "adapter_model.safetensors"), h)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)).encode())
+    h.update(f"{tokenizer.bos_token_id}|{tokenizer.eos_token_id}|{max_length}|{truncation}".encode())
+    return h.hexdigest()[:20]
+
+
+def concat_logps(model, batch: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over chosen+rejected rows; returns (chosen, rejected) sequence log-probs."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logps = sequence_logps(out.logits, batch["labels"])
+    return logps[:n], logps[n:]
+
+
+@torch.no_grad()
+def reference_pass(model, examples: list[PairEncoded], batch_size: int, pad_id: int, env: dist.DistEnv) -> torch.Tensor:
+    """Log-probs ``[n, 2]`` (chosen, rejected) of every pair, sharded across ranks."""
+    model.eval()
+    mine: dict[int, tuple[float, float]] = {}
+    for idx in equal_shards(len(examples), batch_size, env.rank, env.world_size):
+        batch = {k: v.to(env.device) for k, v in collate_pairs([examples[i] for i in idx or [0]], pad_id).items()}
+        c, r = concat_logps(model, batch, len(idx or [0]))
+        mine.update({i: (c[j].item(), r[j].item()) for j, i in enumerate(idx)})
+    model.train()
+    merged: dict[int, tuple[float, float]] = {}
+    for part in dist.all_gather_object(mine):
+        merged.update(part)
+    return torch.tensor([merged[i] for i in range(len(examples))], dtype=torch.float64)
+
+
+def cached_reference(cache_dir: str, key: str, compute) -> torch.Tensor:
+    """Load ``ref_logps-<key>`` (rank 0 reads, then broadcasts), or compute it on all ranks
+    and save it from rank 0. The decision is rank 0's, so every rank takes the same path."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(cache_dir, f"ref_logps-{key}.safetensors")
+    if dist.broadcast_object(os.path.exists(path) if dist.is_main() else None):
+        return dist.broadcast_object(load_file(path)["logps"] if dist.is_main() else None)
+    logps = compute()
+    if dist.is_main():
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        save_file({"logps": logps}, tmp)
+        os.replace(tmp, path)
+    dist.barrier()
+    return logps
+
+
+@contextlib.contextmanager
+def reference_adapter(model):
+    """Online mode: switch the frozen ``reference`` adapter in, then the policy back.
+
+    peft's ``set_adapter`` marks the activated adapter trainable; we switch with
+    ``inference_mode`` and assert that the trainable set is unchanged afterwards.
+    """
+    before = {n for n, p in model.named_parameters() if p.requires_grad}
+    model.base_model.set_adapter("reference", inference_mode=True)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.base_model.set_adapter("default", inference_mode=True)
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in before)
+        after = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert after == before, "the trainable parameter set changed across a reference pass"
+
+
+def pair_metrics(model, examples, ref, idx: list[int], pad_id: int, env, beta: float, ls: float) -> dict[str, torch.Tensor]:
+    """Summed loss and preference metrics for the pairs ``idx`` (no grad)."""
+    batch = {k: v.to(env.device) for k, v in collate_pairs([examples[i] for i in idx], pad_id).items()}
+    c, r = concat_logps(model, batch, len(idx))
+    ref_c, ref_r = ref[idx, 0].to(c), ref[idx, 1].to(c)
+    losses, cr, rr = dpo_loss(c, r, ref_c, ref_r, beta=beta, label_smoothing=ls)
+    out = {k: v.sum() for k, v in preference_metrics(cr, rr, c, r).items()}
+    out["loss"] = losses.detach().sum()
+    return out
+
+
+@torch.no_grad()
+def eval_pairs(model, examples, ref, batch_size: int, pad_id: int, env, beta: float, ls: float) -> dict[str, float]:
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    for idx in equal_shards(len(examples), batch_size, env.rank, env.world_size):
+        m = pair_metrics(model, examples, ref, idx or [0], pad_id, env, beta, ls)
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0) + (0 * v if not idx else v)
+    model.train()
+    return {f"eval/{k}": (dist.all_reduce_sum(v) / len(examples)).item() for k, v in sums.items()}
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train_dpo(cfg: Config) -> str:
+    """Train the policy adapter with DPO and save ``checkpoints/<dpo.output_name>``."""
+    t = cfg.dpo
+    env = dist.init_distributed(cfg.run.device)
+    seed_everything(t.seed)
+    adapter, pairs_path = resolve_inputs(cfg)
+    dirs = stage_dirs(cfg, t.output_name)
+    if env.is_main:
+        save_config(cfg, paths.resolved_config_path(cfg, "dpo"))
+
+    # ---- model, data
+    model, tokenizer, base_path = build_policy(cfg, env, adapter=adapter, trainable=True)
+    examples, pair_ids, n_truncated = load_pairs(pairs_path, tokenizer, cfg.data.max_length, cfg.data.truncation)
+    if t.reference == "online":
+        model.load_adapter(adapter, adapter_name="reference", is_trainable=False)
+        model.base_model.set_adapter("default", inference_mode=False)
+    model = shard(model, env, t.activation_checkpointing)
+    pad_id = tokenizer.pad_token_id
+
+    # ---- reference log-probs: the policy is still exactly the SFT adapter here
+    key = reference_cache_key(pairs_path, adapter, tokenizer, cfg.data.max_length, cfg.data.truncation)
+    ref = None
+    if t.reference == "precomputed":
+        ref = cached_reference(
+            os.path.join(cfg.run.output_dir, "cache"), key,
+            lambda: reference_pass(model, examples, t.batch_size, pad_id, env),
+        )
+    train_idx, val_idx = split_val(list(range(len(examples))), t.val_size, t.seed)
+    if t.reference == "online" and val_idx:
+        with reference_adapter(model):
+            ref = reference_pass(model, examples, t.batch_size, pad_id, env)  # held-out metrics only
+    val = [examples[i] for i in val_idx]
+    val_ref = ref[val_idx] if ref is not None and val_idx else None
+    train = [examples[i] for i in train_idx]
+    train_ref = ref[train_idx] if ref is not None else None
+
+    # ---- optimizer, schedule, resume
+    params = trainable_params(model)
+    optimizer = build_optimizer(params, t, env.device)
+    batches = MicroBatches([e.length for e in train], t.batch_size, t.grad_accum * env.world_size, t.seed)
+    n_steps = total_steps(t, batches.steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, n_steps))
+    step, tokens_seen, last_ckpt = 0, 0, None
+    resume_from = checkpoint.find_resume_state(t.resume, dirs["resume"])
+    if resume_from is not None:
+        state = checkpoint.load_resume_state(resume_from, model, optimizer, trainable_only=True)
+        scheduler.load_state_dict(state["scheduler"])
+        step, tokens_seen, last_ckpt = state["step"], state["tokens_seen"], resume_from
+    metrics = MetricsLog(paths.metrics_path(cfg, "dpo"), resume_step=step)
+    if env.is_main:
+        print(
+            f"[dpo] {len(train)} train / {len(val)} val pairs ({n_truncated} truncated), {n_steps} steps of "
+            f"{t.batch_size}x{t.grad_accum}x{env.world_size} pairs, reference {t.reference} (key {key}), "
+            f"adapter {adapter}" + (f", resuming at step {step}" if step else "")
+        )
+
+    bar = progress(n_steps, "dpo", cfg.run.progress, initial=step)
+    clock = Throughput()
+    model.train()
+    while step < n_steps:
+        micro = batches.for_rank(step, env.rank, env.world_size)
+        global_pairs = dist.all_reduce_sum(torch.tensor(float(sum(map(len, micro))), device=env.device))
+        sums = {k: torch.zeros((), device=env.device) for k in ("loss", "nll", *METRIC_KEYS)}
+        local_tokens = 0
+        for i, idx in enumerate(micro):
+            rows = [train[j] for j in idx]
+            batch = {k: v.to(env.device) for k, v in collate_pairs(rows, pad_id).items()}
+            local_tokens += int(batch["attention_mask"].sum())
+            if t.reference == "online":
+                with reference_adapter(model):
+                    ref_c, ref_r = concat_logps(model, batch, len(idx))
+            else:
+                ref_c, ref_r = train_ref[idx, 0].to(env.device), train_ref[idx, 1].to(env.device)
+            dist.set_grad_sync(model, i == len(micro) - 1)
+            pol_c, pol_r = concat_logps(model, batch, len(idx))
+            losses, cr, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=t.beta, label_smoothing=t.label_smoothing)
+            nll = chosen_nll(pol_c, num_completion_tokens(batch["labels"][: len(idx)]))
+            total = losses.sum() + t.nll_weight * nll.sum()
+            # FSDP averages gradients over ranks: scale so the result is d(mean over global pairs)
+            (total * env.world_size / global_pairs).backward()
+            sums["loss"] += losses.detach().sum()
+            sums["nll"] += nll.detach().sum()
+            for k, v in preference_metrics(cr, rr, pol_c, pol_r).items():
+                sums[k] += v.sum()
+        rec = {k: (dist.all_reduce_sum(v) / global_pairs).item() for k, v in sums.items()}
+        check_finite(rec["loss"], step + 1, "loss", last_ckpt)
+        grad_norm = dist.clip_grad_norm(params, t.max_grad_norm).item()
+        check_finite(grad_norm, step + 1, "gradient norm", last_ckpt)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+
+        step_tokens = int(dist.all_reduce_sum(torch.tensor(float(local_tokens))).item())
+        tokens_seen += step_tokens
+        rec.update(step=step, lr=lr, grad_norm=grad_norm, tokens=tokens_seen, tokens_per_s=clock.step(step_tokens))
+        if val and ((t.eval_every and step % t.eval_every == 0) or step == n_steps):
+            eval_ref = val_ref
+            rec.update(eval_pairs(model, val, eval_ref, t.batch_size, pad_id, env, t.beta, t.label_smoothing))
+            clock.reset()
+        if step % t.log_every == 0 or step == n_steps:
+            metrics.log(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['rewards/accuracies']:.2f}", margin=f"{rec['rewards/margins']:.3f}")
+        bar.update(1)
+
+        if (t.save_every and step % t.save_every == 0) or step == n_steps:
+            trainer_state = {"scheduler": scheduler.state_dict(), "tokens_seen": tokens_seen, "reference_key": key}
+            last_ckpt = checkpoint.save_resume_state(
+                dirs["resume"], step, model, optimizer, trainer_state, trainable_only=True, keep_last=t.keep_last
+            )
+            clock.reset()
+    bar.close()
+    metrics.close()
+
+    info = {"stage": "dpo", "steps": step, "base_model": base_path, "sft_adapter": adapter, "beta": t.beta}
+    checkpoint.save_adapter(model, tokenizer, dirs["out"], extra=info, adapter_name="default")
+    if env.is_main:
+        print(f"[dpo] saved {dirs['out']}")
+    return dirs["out"]
