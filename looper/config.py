@@ -151,8 +151,23 @@ class RegimeWConfig:
     lam: float = 0.001
     free_tokens: int = 512
     scope: Literal["question", "trajectory"] = "question"
+    # arithmetic claim checking (looper.regime_w.scoring)
+    rel_tol: float = 1e-6  # relative tolerance for claim results and numeric answer equality
+    allow_rounding: bool = True  # "10/3 = 3.33" holds: a result with d decimals may be rounded
+    # final-answer line markers (ASCII letters match in any case; the last line holding one wins)
+    answer_markers: list[str] = field(default_factory=lambda: ["####", "The answer is", "Answer:"])
+    # bounds that keep the checker fast on long or hostile text
+    max_claims: int = 128  # claims checked per trajectory (the first ones in the text)
+    max_candidates: int = 256  # "=" and <<...>> spots examined per trajectory, in text order
+    max_expr_chars: int = 200  # a longer expression is not read as a claim
+    max_number_digits: int = 30  # a number with more digits is not read as a number
+    max_depth: int = 32  # parenthesis / unary-sign nesting
 
     def __post_init__(self) -> None:
+        weights = {"w_end": self.w_end, "w_path": self.w_path, "w_cf": self.w_cf}
+        for name, w in weights.items():
+            if not 0.0 <= w <= 1.0:
+                raise ConfigError(f"regime_w.{name} must be in [0, 1], got {w}")
         total = self.w_end + self.w_path + self.w_cf
         if abs(total - 1.0) > 1e-6:
             raise ConfigError(
@@ -161,15 +176,38 @@ class RegimeWConfig:
             )
         if not 0.0 <= self.step_weight <= 1.0:
             raise ConfigError(f"regime_w.step_weight must be in [0, 1], got {self.step_weight}")
+        for name in ("lam", "rel_tol"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"regime_w.{name} must be >= 0, got {getattr(self, name)}")
+        if self.free_tokens < 0:
+            raise ConfigError(f"regime_w.free_tokens must be >= 0, got {self.free_tokens}")
+        for name in ("max_claims", "max_candidates", "max_expr_chars", "max_number_digits", "max_depth"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"regime_w.{name} must be >= 1, got {getattr(self, name)}")
+        if not all(isinstance(m, str) and m for m in self.answer_markers):
+            raise ConfigError(f"regime_w.answer_markers must be non-empty strings, got {self.answer_markers}")
 
 
 @dataclass
 class PrefsConfig:
     max_correctness_pairs: int = 8
     max_coherence_pairs: int = 4
-    threshold: float = 0.01
+    threshold: float = 0.01  # coherence pairs need reward(chosen) - reward(rejected) >= threshold
     coherence: bool = True
-    seed: int = 0
+    seed: int = 0  # pair building is deterministic and uses no randomness; kept for the record
+    hist_bins: int = 10  # bins of the margin / reward histograms in the printed summary
+
+    def __post_init__(self) -> None:
+        for name in ("max_correctness_pairs", "max_coherence_pairs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"prefs.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.threshold > 0:
+            raise ConfigError(
+                f"prefs.threshold must be > 0 (a zero threshold would pair equal rewards both ways), "
+                f"got {self.threshold}"
+            )
+        if self.hist_bins < 1:
+            raise ConfigError(f"prefs.hist_bins must be >= 1, got {self.hist_bins}")
 
 
 @dataclass
