@@ -138,9 +138,18 @@ def equal_shards(n: int, batch_size: int, rank: int, world: int) -> list[list[in
     return [mine[i * batch_size : (i + 1) * batch_size] for i in range(per_rank)]
 
 
-def stage_dirs(cfg: Config, name: str) -> dict[str, str]:
+def stage_dirs(cfg: Config, name: str, stage: Optional[str] = None) -> dict[str, str]:
+    """``out``: the stage's output folder ``checkpoints/<name>``; ``resume``: its resume
+    states, ``checkpoints/<stage>/resume`` (DESIGN.md).
+
+    The resume folder must never lie inside ``out``: the final save replaces ``out`` as a
+    whole (an atomic rename), which would delete the resume states with it. When ``stage``
+    is not given or equals ``name``, it becomes ``checkpoints/<name>-resume``.
+    """
     root = cfg.run.output_dir
-    return {
-        "out": os.path.join(root, "checkpoints", name),
-        "resume": os.path.join(root, "checkpoints", name, "resume"),
-    }
+    out = os.path.join(root, "checkpoints", name)
+    if stage and stage != name:
+        resume = os.path.join(root, "checkpoints", stage, "resume")
+    else:
+        resume = os.path.join(root, "checkpoints", f"{name}-resume")
+    return {"out": out, "resume": resume}

@@ -4,8 +4,9 @@ Policy = base + SFT adapter (trainable); reference = base + SFT adapter (frozen)
 
 Reference log-probs come from one no-grad pass before training (``dpo.reference:
 precomputed``), sharded across ranks and cached on disk under a key that hashes the pair
-file, the adapter weights, the tokenizer and ``max_length``. Because the policy starts as
-the SFT adapter, that pass runs on the freshly built policy before any update or resume.
+file, the adapter weights, the tokenizer, the length limit and the base model's name and
+precision. Because the policy starts as the SFT adapter, that pass runs on the freshly
+built policy before any update or resume.
 With ``dpo.reference: online`` the frozen adapter stays loaded beside the policy under the
 name ``reference`` and is switched in for a no-grad pass at every step.
 
@@ -16,6 +17,7 @@ the pairs of the whole optimizer step (all micro-steps, all ranks).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -42,7 +44,7 @@ from looper.loops.common import (
     trainable_params,
 )
 from looper.metrics import MetricsLog, Throughput, progress
-from looper.models import check_adapter_dir
+from looper.models import check_adapter_dir, resolve_dtype
 
 PAIR_FIELDS = ("pair_id", "prompt", "chosen", "rejected")
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -85,13 +87,17 @@ def _sha256_file(path: str, h) -> None:
             h.update(block)
 
 
-def reference_cache_key(pairs_path: str, adapter: str, tokenizer, max_length: int, truncation: str) -> str:
+def reference_cache_key(
+    pairs_path: str, adapter: str, tokenizer, max_length: int, truncation: str, model_id: str = ""
+) -> str:
+    """Hash of what the reference log-probs depend on: the pair file, the adapter weights, the
+    tokenizer, the length limit and ``model_id`` (the base model and the compute precision)."""
     h = hashlib.sha256()
     _sha256_file(pairs_path, h)
     _sha256_file(os.path.join(adapter, "adapter_model.safetensors"), h)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)).encode())
-    h.update(f"{tokenizer.bos_token_id}|{tokenizer.eos_token_id}|{max_length}|{truncation}".encode())
+    h.update(f"{tokenizer.bos_token_id}|{tokenizer.eos_token_id}|{max_length}|{truncation}|{model_id}".encode())
     return h.hexdigest()[:20]
 
 
@@ -106,11 +112,14 @@ def concat_logps(model, batch: dict, n: int) -> tuple[torch.Tensor, torch.Tensor
 def reference_pass(model, examples: list[PairEncoded], batch_size: int, pad_id: int, env: dist.DistEnv) -> torch.Tensor:
     """Log-probs ``[n, 2]`` (chosen, rejected) of every pair, sharded across ranks."""
     model.eval()
+    # length order: each batch holds rows of similar length, so little padding is computed
+    order = sorted(range(len(examples)), key=lambda i: (examples[i].length, i))
     mine: dict[int, tuple[float, float]] = {}
-    for idx in equal_shards(len(examples), batch_size, env.rank, env.world_size):
+    for pos in equal_shards(len(examples), batch_size, env.rank, env.world_size):
+        idx = [order[j] for j in pos]
         batch = {k: v.to(env.device) for k, v in collate_pairs([examples[i] for i in idx or [0]], pad_id).items()}
         c, r = concat_logps(model, batch, len(idx or [0]))
-        mine.update({i: (c[j].item(), r[j].item()) for j, i in enumerate(idx)})
+        mine.update(zip(idx, zip(c.tolist(), r.tolist())))  # one device sync per batch, not per pair
     model.train()
     merged: dict[int, tuple[float, float]] = {}
     for part in dist.all_gather_object(mine):
@@ -136,19 +145,37 @@ def cached_reference(cache_dir: str, key: str, compute) -> torch.Tensor:
     return logps
 
 
+def check_resume_key(resume_from: str, key: str) -> None:
+    """A resume state continues one reference (pair file, SFT adapter, tokenizer, length
+    limit); resuming it against other inputs would mix two reference models."""
+    with open(os.path.join(resume_from, "trainer_state.json")) as f:
+        saved = json.load(f).get("reference_key")
+    if saved is not None and saved != key:
+        raise ConfigError(
+            f"dpo.resume: {resume_from} was written for other inputs (reference key {saved}, now {key}: "
+            "the pair file, SFT adapter, tokenizer, base model, precision or data.max_length/truncation "
+            "changed). Restore them, "
+            "or set dpo.resume=none to start over"
+        )
+
+
 @contextlib.contextmanager
 def reference_adapter(model):
     """Online mode: switch the frozen ``reference`` adapter in, then the policy back.
 
     peft's ``set_adapter`` marks the activated adapter trainable; we switch with
-    ``inference_mode`` and assert that the trainable set is unchanged afterwards.
+    ``inference_mode`` and assert that the trainable set is unchanged afterwards. The
+    reference forward runs in eval mode (no LoRA dropout), as the precomputed pass does.
     """
     before = {n for n, p in model.named_parameters() if p.requires_grad}
+    was_training = model.training
     model.base_model.set_adapter("reference", inference_mode=True)
+    model.eval()  # the reference is deterministic: no LoRA dropout, and no RNG draws
     try:
         with torch.no_grad():
             yield
     finally:
+        model.train(was_training)
         model.base_model.set_adapter("default", inference_mode=True)
         for n, p in model.named_parameters():
             p.requires_grad_(n in before)
@@ -188,7 +215,7 @@ def train_dpo(cfg: Config) -> str:
     env = dist.init_distributed(cfg.run.device)
     seed_everything(t.seed)
     adapter, pairs_path = resolve_inputs(cfg)
-    dirs = stage_dirs(cfg, t.output_name)
+    dirs = stage_dirs(cfg, t.output_name, "dpo")
     if env.is_main:
         save_config(cfg, paths.resolved_config_path(cfg, "dpo"))
 
@@ -196,13 +223,24 @@ def train_dpo(cfg: Config) -> str:
     model, tokenizer, base_path = build_policy(cfg, env, adapter=adapter, trainable=True)
     examples, pair_ids, n_truncated = load_pairs(pairs_path, tokenizer, cfg.data.max_length, cfg.data.truncation)
     if t.reference == "online":
-        model.load_adapter(adapter, adapter_name="reference", is_trainable=False)
+        # creating the adapter's layers draws random init weights: keep them off the RNG
+        # stream, so LoRA dropout in training sees the same masks as with a precomputed reference
+        with torch.random.fork_rng(devices=[]):
+            model.load_adapter(adapter, adapter_name="reference", is_trainable=False)
         model.base_model.set_adapter("default", inference_mode=False)
     model = shard(model, env, t.activation_checkpointing)
     pad_id = tokenizer.pad_token_id
 
     # ---- reference log-probs: the policy is still exactly the SFT adapter here
-    key = reference_cache_key(pairs_path, adapter, tokenizer, cfg.data.max_length, cfg.data.truncation)
+    # the same adapter on another base model, or in another precision, is another reference
+    model_id = json.dumps([
+        cfg.model.name_or_path, cfg.model.revision, str(resolve_dtype(cfg.model.dtype, env.device)),
+        dataclasses.asdict(cfg.model.tiny) if cfg.model.name_or_path == "tiny" else None,
+    ])
+    key = reference_cache_key(pairs_path, adapter, tokenizer, cfg.data.max_length, cfg.data.truncation, model_id)
+    resume_from = checkpoint.find_resume_state(t.resume, dirs["resume"])
+    if resume_from is not None:
+        check_resume_key(resume_from, key)
     ref = None
     if t.reference == "precomputed":
         ref = cached_reference(
@@ -210,11 +248,11 @@ def train_dpo(cfg: Config) -> str:
             lambda: reference_pass(model, examples, t.batch_size, pad_id, env),
         )
     train_idx, val_idx = split_val(list(range(len(examples))), t.val_size, t.seed)
-    if t.reference == "online" and val_idx:
-        with reference_adapter(model):
-            ref = reference_pass(model, examples, t.batch_size, pad_id, env)  # held-out metrics only
     val = [examples[i] for i in val_idx]
     val_ref = ref[val_idx] if ref is not None and val_idx else None
+    if t.reference == "online" and val_idx:
+        with reference_adapter(model):  # held-out metrics only: just the held-out pairs
+            val_ref = reference_pass(model, val, t.batch_size, pad_id, env)
     train = [examples[i] for i in train_idx]
     train_ref = ref[train_idx] if ref is not None else None
 
@@ -225,7 +263,6 @@ def train_dpo(cfg: Config) -> str:
     n_steps = total_steps(t, batches.steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, n_steps))
     step, tokens_seen, last_ckpt = 0, 0, None
-    resume_from = checkpoint.find_resume_state(t.resume, dirs["resume"])
     if resume_from is not None:
         state = checkpoint.load_resume_state(resume_from, model, optimizer, trainable_only=True)
         scheduler.load_state_dict(state["scheduler"])
@@ -266,7 +303,8 @@ def train_dpo(cfg: Config) -> str:
             sums["nll"] += nll.detach().sum()
             for k, v in preference_metrics(cr, rr, pol_c, pol_r).items():
                 sums[k] += v.sum()
-        rec = {k: (dist.all_reduce_sum(v) / global_pairs).item() for k, v in sums.items()}
+        # one collective and one device sync for all the step's metrics
+        rec = dict(zip(sums, (dist.all_reduce_sum(torch.stack(list(sums.values()))) / global_pairs).tolist()))
         check_finite(rec["loss"], step + 1, "loss", last_ckpt)
         grad_norm = dist.clip_grad_norm(params, t.max_grad_norm).item()
         check_finite(grad_norm, step + 1, "gradient norm", last_ckpt)
@@ -276,7 +314,7 @@ def train_dpo(cfg: Config) -> str:
         scheduler.step()
         step += 1
 
-        step_tokens = int(dist.all_reduce_sum(torch.tensor(float(local_tokens))).item())
+        step_tokens = int(dist.all_reduce_sum(torch.tensor(float(local_tokens), device=env.device)).item())
         tokens_seen += step_tokens
         rec.update(step=step, lr=lr, grad_norm=grad_norm, tokens=tokens_seen, tokens_per_s=clock.step(step_tokens))
         if val and ((t.eval_every and step % t.eval_every == 0) or step == n_steps):

@@ -5,9 +5,11 @@ No torch here: this stage runs on any machine with numpy, and ``looper prefs`` s
 
 from __future__ import annotations
 
+import os
+
 from looper import paths
 from looper.config import Config, save_config
-from looper.io import DataError, iter_jsonl, write_jsonl_atomic
+from looper.io import DataError, iter_jsonl, write_json_atomic, write_jsonl_atomic
 from looper.regime_w.preferences import (
     build_preferences,
     check_rollout_record,
@@ -94,6 +96,7 @@ def build_preference_file(cfg: Config) -> dict:
     write_jsonl_atomic(dst, pairs)
     save_config(cfg, paths.resolved_config_path(cfg, "prefs"))
     summary = {**summary, "rollouts_path": src, "preferences_path": dst}
+    write_json_atomic(os.path.join(os.path.dirname(dst), "preferences_summary.json"), summary)
     print(format_summary(summary))
     print(f"wrote {len(pairs)} pairs to {dst}")
     return summary

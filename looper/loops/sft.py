@@ -8,6 +8,7 @@ all ranks), so it does not depend on how the global batch is split.
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Optional
 
@@ -16,7 +17,7 @@ import torch
 from looper import checkpoint, dist, paths
 from looper.config import Config, save_config
 from looper.data.gsm8k import format_completion, format_prompt, load_questions
-from looper.data.tokenize import Encoded, MicroBatches, collate, encode_sft_rows
+from looper.data.tokenize import IGNORE_INDEX, Encoded, MicroBatches, collate, encode_sft_rows
 from looper.io import DataError
 from looper.losses.sft import masked_cross_entropy
 from looper.loops.common import (
@@ -54,8 +55,37 @@ def load_sft_examples(cfg: Config, tokenizer) -> tuple[list[Encoded], list[Encod
     return train, val, n_trunc + n_trunc_val
 
 
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the (PEFT-wrapped) causal LM takes ``logits_to_keep`` (transformers' own models do)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def loss_logits(model, batch: dict, trim: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward pass; returns ``(logits, labels)`` aligned for ``masked_cross_entropy``.
+
+    With ``trim``, the LM head runs only from the first position that predicts a target in
+    some row: the prompt prefix that every row of the batch shares never reaches the
+    vocabulary projection (about a quarter of the positions on GSM8K). Same loss, less
+    compute and less logits memory.
+    """
+    labels = batch["labels"]
+    first = 0
+    if trim:
+        scored = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
+        first = int(scored[0]) if len(scored) else 0
+    kw = {"logits_to_keep": labels.shape[1] - first} if first else {}
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw)
+    return out.logits, labels[:, first:]
+
+
 @torch.no_grad()
-def eval_loss(model, examples: list[Encoded], batch_size: int, pad_id: int, env: dist.DistEnv) -> float:
+def eval_loss(
+    model, examples: list[Encoded], batch_size: int, pad_id: int, env: dist.DistEnv, trim: bool = False
+) -> float:
     """Mean completion-token loss over ``examples``, sharded across ranks."""
     model.eval()
     loss_sum = torch.zeros((), device=env.device)
@@ -63,8 +93,7 @@ def eval_loss(model, examples: list[Encoded], batch_size: int, pad_id: int, env:
     for idx in equal_shards(len(examples), batch_size, env.rank, env.world_size):
         empty = not idx  # FSDP forwards are collective: every rank runs the same count
         batch = {k: v.to(env.device) for k, v in collate([examples[i] for i in idx or [0]], pad_id).items()}
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        s, n = masked_cross_entropy(out.logits, batch["labels"])
+        s, n = masked_cross_entropy(*loss_logits(model, batch, trim))
         loss_sum += 0 if empty else s
         tokens += 0 if empty else n
     model.train()
@@ -79,7 +108,7 @@ def train_sft(cfg: Config, stage: str = "sft") -> str:
     t = cfg.sft
     env = dist.init_distributed(cfg.run.device)
     seed_everything(t.seed)
-    dirs = stage_dirs(cfg, t.output_name)
+    dirs = stage_dirs(cfg, t.output_name, stage)
     full_ft = cfg.lora is None and t.init_adapter is None
     if env.is_main:
         save_config(cfg, paths.resolved_config_path(cfg, stage))
@@ -87,6 +116,7 @@ def train_sft(cfg: Config, stage: str = "sft") -> str:
     # ---- model, data, optimizer
     model, tokenizer, base_path = build_policy(cfg, env, adapter=t.init_adapter, trainable=True)
     train, val, n_truncated = load_sft_examples(cfg, tokenizer)
+    trim = accepts_logits_to_keep(model)  # skip the LM head on the shared prompt prefix
     model = shard(model, env, t.activation_checkpointing)
     params = trainable_params(model)
     optimizer = build_optimizer(params, t, env.device)
@@ -123,8 +153,7 @@ def train_sft(cfg: Config, stage: str = "sft") -> str:
         for i, rows in enumerate(micro):
             dist.set_grad_sync(model, i == len(micro) - 1)
             batch = {k: v.to(env.device) for k, v in collate(rows, pad_id).items()}
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            s, _ = masked_cross_entropy(out.logits, batch["labels"])
+            s, _ = masked_cross_entropy(*loss_logits(model, batch, trim))
             # FSDP averages gradients over ranks; scale by world size so the result is
             # the gradient of (global loss sum / global token count).
             (s * env.world_size / global_tokens).backward()
@@ -139,12 +168,13 @@ def train_sft(cfg: Config, stage: str = "sft") -> str:
         scheduler.step()
         step += 1
 
-        step_tokens = int(dist.all_reduce_sum(torch.tensor(float(sum(len(e.input_ids) for mb in micro for e in mb)))).item())
+        local_all = float(sum(len(e.input_ids) for mb in micro for e in mb))
+        step_tokens = int(dist.all_reduce_sum(torch.tensor(local_all, device=env.device)).item())
         tokens_seen += step_tokens
         rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
                "completion_tokens": int(global_tokens.item()), "tokens_per_s": clock.step(step_tokens)}
         if (t.eval_every and step % t.eval_every == 0 or step == n_steps) and val:
-            rec["eval_loss"] = eval_loss(model, val, t.batch_size, pad_id, env)
+            rec["eval_loss"] = eval_loss(model, val, t.batch_size, pad_id, env, trim)
             clock.reset()
         if step % t.log_every == 0 or step == n_steps or "eval_loss" in rec:
             metrics.log(rec)
