@@ -83,7 +83,9 @@ def test_cli_writes_pairs(tmp_path, capsys):
     saved = tmp_path / "configs" / "prefs.yaml"
     assert saved.exists()
     assert load_config(str(saved)).run.output_dir == str(tmp_path)
-    assert leftovers(tmp_path) == ["preferences.jsonl"]
+    assert leftovers(tmp_path) == ["preferences.jsonl", "preferences_summary.json"]
+    summary = json.loads((tmp_path / "data" / "preferences_summary.json").read_text())
+    assert (summary["n_pairs"], summary["n_correctness"], summary["n_coherence"]) == (3, 2, 1)
 
 
 def test_cli_overrides_reach_the_pair_builder(tmp_path):

@@ -1,0 +1,137 @@
+"""Regime W rollouts: ``collect_rollouts(cfg)`` samples K trajectories per question from the
+SFT policy (base + SFT adapter, merged), grades them, scores each group with Regime W and
+writes ``data/rollouts.jsonl`` (one record per question, the format in DESIGN.md).
+
+Sharding, per-question seeds and resume come from the generation engine, so 1 and N ranks
+write identical files and a killed run finishes where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from looper import dist, paths
+from looper.config import Config, ConfigError, save_config
+from looper.data.gsm8k import extract_answer, format_prompt, is_correct, load_questions
+from looper.generation import generation_meta, load_for_generation, run_generation
+from looper.io import DataError, write_json_atomic
+from looper.regime_w import score_group, trajectory_rewards
+
+
+def resolve_policy_adapter(cfg: Config):
+    """``rollout.adapter``: auto = checkpoints/sft_lora; none = the base model; or a path."""
+    from looper.models import check_adapter_dir
+
+    adapter = cfg.rollout.adapter
+    if adapter in (None, "none"):
+        return None
+    if adapter == "auto":
+        adapter = paths.checkpoint_dir(cfg, "sft_lora")
+    check_adapter_dir(adapter, "rollout.adapter (the SFT policy)")
+    return adapter
+
+
+def make_rollout_record(question: dict, samples: list[dict], cfg: Config) -> dict:
+    """Grade and score one group of K samples."""
+    texts = [s["text"] for s in samples]
+    answers = [extract_answer(t) for t in texts]
+    correct = np.array([is_correct(a, question["gold"]) for a in answers], dtype=bool)
+    num_tokens = np.array([s["num_tokens"] for s in samples], dtype=np.int64)
+    scores = score_group(texts, answers, num_tokens, cfg.regime_w)
+    rewards = trajectory_rewards(correct, num_tokens, scores, cfg.regime_w)
+    return {
+        "question_id": question["question_id"],
+        "question": question["question"],
+        "prompt": question["prompt"],
+        "gold": question["gold"],
+        **scores.question_fields(),
+        "trajectories": [
+            {
+                "full_text": texts[i],
+                "answer": answers[i],
+                "num_tokens": int(num_tokens[i]),
+                "correct": bool(correct[i]),
+                "finished": bool(samples[i]["finished"]),
+                "cf": float(scores.cf[i]),
+                "reward": float(rewards[i]),
+            }
+            for i in range(len(samples))
+        ],
+    }
+
+
+def rollout_summary(records: list[dict]) -> dict:
+    """Single-sample accuracy, maj@k, pass@k, mean group scores and group counts."""
+    from collections import Counter
+
+    n = len(records)
+    corr = [[t["correct"] for t in r["trajectories"]] for r in records]
+    maj = 0
+    for r in records:
+        votes = Counter(t["answer"] for t in r["trajectories"] if t["answer"] is not None)
+        if votes:
+            top = votes.most_common(1)[0][0]
+            maj += is_correct(top, r["gold"])
+    mean = lambda key: float(np.mean([r[key] for r in records])) if n else 0.0  # noqa: E731
+    return {
+        "questions": n,
+        "k": len(corr[0]) if corr else 0,
+        "accuracy": float(np.mean([c for cs in corr for c in cs])) if n else 0.0,
+        "maj_at_k": maj / n if n else 0.0,
+        "pass_at_k": sum(any(cs) for cs in corr) / n if n else 0.0,
+        "s_end": mean("s_end"),
+        "s_path": mean("s_path"),
+        "s_cf": mean("s_cf"),
+        "s_wm": mean("s_wm"),
+        "all_correct": sum(all(cs) for cs in corr),
+        "all_wrong": sum(not any(cs) for cs in corr),
+        "mixed": sum(any(cs) and not all(cs) for cs in corr),
+        "mean_tokens": float(np.mean([t["num_tokens"] for r in records for t in r["trajectories"]])) if n else 0.0,
+    }
+
+
+def format_rollout_summary(s: dict) -> str:
+    return (
+        f"[rollout] {s['questions']} questions x {s['k']}: accuracy {s['accuracy']:.3f}, maj@k {s['maj_at_k']:.3f}, "
+        f"pass@k {s['pass_at_k']:.3f}; mean s_end {s['s_end']:.3f} s_path {s['s_path']:.3f} "
+        f"s_cf {s['s_cf']:.3f} s_wm {s['s_wm']:.3f}; groups all-correct {s['all_correct']}, "
+        f"all-wrong {s['all_wrong']}, mixed {s['mixed']}"
+    )
+
+
+def collect_rollouts(cfg: Config) -> dict:
+    """Sample, grade and score; write ``data/rollouts.jsonl``; return the summary."""
+    r = cfg.rollout
+    if r.k < 1:
+        raise ConfigError(f"rollout.k must be >= 1, got {r.k}")
+    env = dist.init_distributed(cfg.run.device)
+    adapter = resolve_policy_adapter(cfg)
+    source = r.dataset if r.dataset is not None else cfg.data.train
+    questions = load_questions(source, "train", cfg.data)
+    if r.n_questions > 0:
+        questions = questions[: r.n_questions]
+    if not questions:
+        raise DataError(f"rollout dataset {source or 'synthetic'} has no questions")
+    for q in questions:
+        q["prompt"] = format_prompt(q["question"], cfg.data.prompt_template)
+    if env.is_main:
+        save_config(cfg, paths.resolved_config_path(cfg, "rollout"))
+
+    model, tokenizer = load_for_generation(cfg, adapter, env.device)
+    out_path = paths.rollouts_path(cfg)
+    meta = generation_meta(r.generation, r.k, model=cfg.model.name_or_path, adapter=adapter, stage="rollout")
+    t0 = time.perf_counter()
+    records = run_generation(
+        model, tokenizer, questions, r.generation, r.k, out_path,
+        make_record=lambda q, samples: make_rollout_record(q, samples, cfg),
+        progress=cfg.run.progress, meta=meta, desc="rollout",
+    )
+    summary = rollout_summary(records)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    if env.is_main:
+        write_json_atomic(os.path.join(os.path.dirname(out_path), "rollouts_summary.json"), summary)
+        print(format_rollout_summary(summary))
+    return summary

@@ -1,0 +1,129 @@
+"""``report.md`` for a pipeline run: the comparison table, rollout and pair summaries, the
+final training metrics, and (with matplotlib installed) PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from looper import paths
+from looper.config import Config
+
+
+def _read_json(path: str) -> Optional[dict]:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _read_metrics(cfg: Config, stage: str) -> list[dict]:
+    path = paths.metrics_path(cfg, stage)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _metrics_table(rows: list[dict], keys: list[str]) -> str:
+    last = rows[-1]
+    keys = [k for k in keys if k in last]
+    return "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n| " + " | ".join(_fmt(last[k]) for k in keys) + " |\n"
+
+
+def make_plots(cfg: Config, out_dir: str) -> list[str]:
+    """Draw SFT loss, DPO loss/margins/accuracy and accuracy per stage; [] without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    sft = _read_metrics(cfg, "sft")
+    if sft:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot([r["step"] for r in sft], [r["loss"] for r in sft], label="train")
+        ev = [r for r in sft if r.get("eval_loss") is not None]
+        if ev:
+            ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval")
+        ax.set(xlabel="step", ylabel="loss", title="SFT loss")
+        ax.legend()
+        made.append(_save(fig, out_dir, "sft_loss.png"))
+    dpo = _read_metrics(cfg, "dpo")
+    if dpo:
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+        steps = [r["step"] for r in dpo]
+        for ax, key in zip(axes, ("loss", "rewards/margins", "rewards/accuracies")):
+            ax.plot(steps, [r[key] for r in dpo])
+            ax.set(xlabel="step", title=f"DPO {key}")
+        made.append(_save(fig, out_dir, "dpo_metrics.png"))
+    evals = [(n, _read_json(os.path.join(paths.outputs_dir(cfg), f"{n}_eval.json"))) for n in ("base", "sft", "dpo")]
+    evals = [(n, e) for n, e in evals if e]
+    if evals:
+        fig, ax = plt.subplots(figsize=(4, 3.2))
+        acc = [e["accuracy"] for _, e in evals]
+        lo = [e["accuracy"] - e["ci95"][0] for _, e in evals]
+        hi = [e["ci95"][1] - e["accuracy"] for _, e in evals]
+        ax.bar([n for n, _ in evals], acc, yerr=[lo, hi], capsize=4)
+        ax.set(ylabel="accuracy", ylim=(0, 1), title="accuracy (95% CI)")
+        made.append(_save(fig, out_dir, "accuracy.png"))
+    return made
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+    path = os.path.join(out_dir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return name
+
+
+def write_report(cfg: Config, elapsed_s: Optional[float] = None) -> str:
+    out = cfg.run.output_dir
+    lines = ["# looper pipeline report", ""]
+    lines += [f"- output folder: `{out}`", f"- base model: `{cfg.model.name_or_path}`"]
+    state = _read_json(os.path.join(out, "pipeline_state.json")) or {"completed": {}}
+    times = ", ".join(f"{k} {v['seconds']}s" for k, v in state["completed"].items())
+    if times:
+        lines.append(f"- stage times: {times}")
+    if elapsed_s is not None:
+        lines.append(f"- this invocation: {elapsed_s:.0f}s")
+    lines.append("")
+    compare_md = os.path.join(paths.outputs_dir(cfg), "compare.md")
+    if os.path.exists(compare_md):
+        lines += ["## Accuracy", "", open(compare_md).read().strip(), ""]
+    roll = _read_json(os.path.join(out, "data", "rollouts_summary.json"))
+    if roll:
+        lines += ["## Rollouts", "", "| " + " | ".join(roll) + " |", "|" + "---|" * len(roll),
+                  "| " + " | ".join(_fmt(v) for v in roll.values()) + " |", ""]
+    prefs = _read_json(os.path.join(out, "data", "preferences_summary.json"))
+    if prefs:
+        lines += ["## Preference pairs", "", "```", json.dumps(prefs, indent=1)[:3000], "```", ""]
+    for stage, keys in (
+        ("base", ["step", "loss", "eval_loss", "lr", "tokens_per_s"]),
+        ("sft", ["step", "loss", "eval_loss", "lr", "grad_norm", "tokens_per_s"]),
+        ("dpo", ["step", "loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "eval/loss", "tokens_per_s"]),
+    ):
+        rows = _read_metrics(cfg, stage)
+        if rows:
+            lines += [f"## Final {stage} metrics", "", _metrics_table(rows, keys)]
+    plots = make_plots(cfg, out)
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    else:
+        lines += ["Plots skipped: matplotlib is not installed (`pip install 'looper[plot]'`).", ""]
+    path = os.path.join(out, "report.md")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines))
+    os.replace(path + ".tmp", path)
+    print(f"[pipeline] report: {path}")
+    return path
