@@ -18,7 +18,7 @@ STAGES = {
 
 def _stage_parser(name: str, help: str, sub) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help)
-    p.add_argument("-c", "--config", default=None, help="YAML config (default: built-in tiny CPU config)")
+    p.add_argument("-c", "--config", default=None, help="YAML config (default: the embedded tiny CPU config, looper/configs/tiny_cpu.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.lr=1e-4 lora.r=32")
     return p
 
@@ -45,10 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from looper.config import load_config
+    from looper.config import default_config_path, load_config
 
-    # no -c: the embedded default (the dataclass defaults are the tiny CPU config)
-    return load_config(args.config, args.overrides)
+    # no -c: the embedded default, the tiny CPU config shipped inside the package
+    return load_config(args.config or default_config_path(), args.overrides)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -451,6 +451,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name}.generation: batch_size and max_new_tokens must be >= 1")
 
 
+def default_config_path() -> str:
+    """The embedded default config (the tiny CPU pipeline), shipped inside the package."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny_cpu.yaml")
+
+
 def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config as YAML (atomically), so a run can be reproduced."""
     import yaml
