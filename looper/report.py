@@ -107,7 +107,11 @@ def write_report(cfg: Config, elapsed_s: Optional[float] = None) -> str:
                   "| " + " | ".join(_fmt(v) for v in roll.values()) + " |", ""]
     prefs = _read_json(os.path.join(out, "data", "preferences_summary.json"))
     if prefs:
-        lines += ["## Preference pairs", "", "```", json.dumps(prefs, indent=1)[:3000], "```", ""]
+        keys = ["n_questions", "n_all_correct", "n_all_wrong", "n_mixed", "n_pairs", "n_correctness",
+                "n_coherence", "mean_reward_correct", "mean_reward_wrong"]
+        keys = [k for k in keys if k in prefs]
+        lines += ["## Preference pairs", "", "| " + " | ".join(k.removeprefix("n_") for k in keys) + " |",
+                  "|" + "---|" * len(keys), "| " + " | ".join(_fmt(prefs[k]) for k in keys) + " |", ""]
     for stage, keys in (
         ("base", ["step", "loss", "eval_loss", "lr", "tokens_per_s"]),
         ("sft", ["step", "loss", "eval_loss", "lr", "grad_norm", "tokens_per_s"]),

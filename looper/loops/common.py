@@ -140,15 +140,16 @@ def equal_shards(n: int, batch_size: int, rank: int, world: int) -> list[list[in
 
 def stage_dirs(cfg: Config, name: str, stage: Optional[str] = None) -> dict[str, str]:
     """``out``: the stage's output folder ``checkpoints/<name>``; ``resume``: its resume
-    states, ``checkpoints/<stage>/resume`` (DESIGN.md).
+    states, ``checkpoints/<stage>/resume`` (DESIGN.md) for the stage's default output
+    ``<stage>_lora``, and ``checkpoints/<name>-resume`` for any other output name (so a
+    variant run never resumes another run's state).
 
-    The resume folder must never lie inside ``out``: the final save replaces ``out`` as a
-    whole (an atomic rename), which would delete the resume states with it. When ``stage``
-    is not given or equals ``name``, it becomes ``checkpoints/<name>-resume``.
+    The resume folder never lies inside ``out``: the final save replaces ``out`` as a
+    whole (an atomic rename), which would delete the resume states with it.
     """
     root = cfg.run.output_dir
     out = os.path.join(root, "checkpoints", name)
-    if stage and stage != name:
+    if stage and name == f"{stage}_lora":
         resume = os.path.join(root, "checkpoints", stage, "resume")
     else:
         resume = os.path.join(root, "checkpoints", f"{name}-resume")

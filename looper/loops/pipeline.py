@@ -48,14 +48,20 @@ def _stage_outputs(cfg: Config, stage: str) -> list[str]:
     """What a stage writes (outputs and resume states); removed when the stage is forced."""
     import glob
 
-    ck = lambda name: paths.checkpoint_dir(cfg, name)  # noqa: E731
+    from looper.loops.common import stage_dirs
+
+    def both(name: str, st: str) -> list[str]:
+        d = stage_dirs(cfg, name, st)
+        return [d["out"], d["resume"]]
+
     roll = paths.rollouts_path(cfg)
+    prefs = paths.preferences_path(cfg)
     return {
-        "base": [ck("base"), ck("base-resume")],
-        "sft": [ck(cfg.sft.output_name), ck("sft")],
+        "base": both("base", "base"),
+        "sft": both(cfg.sft.output_name, "sft"),
         "rollout": [roll, f"{roll}.meta.json", *glob.glob(glob.escape(roll) + ".rank*.partial")],
-        "prefs": [paths.preferences_path(cfg)],
-        "dpo": [ck(cfg.dpo.output_name), ck("dpo")],
+        "prefs": [prefs],
+        "dpo": both(cfg.dpo.output_name, "dpo"),
         "eval": [paths.outputs_dir(cfg)],
     }[stage]
 

@@ -1,0 +1,78 @@
+"""A research variant through looper's Python API, without the CLI.
+
+Re-score existing rollouts with a different Regime W weighting (more weight on internal
+consistency, per-trajectory scope), build preference pairs from the new rewards, run DPO
+on them from the same SFT adapter, evaluate, and compare with SFT and standard DPO.
+
+It needs the rollouts and the SFT adapter of an earlier run, e.g.:
+
+    looper pipeline                                   # the tiny CPU run, into runs/tiny
+    python examples/research_api.py                   # then this variant, beside it
+
+or ``python examples/research_api.py -c my.yaml key=value ...`` for another run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+import numpy as np
+
+from looper import build_preferences, compare, evaluate, load_config, score_group, train_dpo, trajectory_rewards
+from looper.config import default_config_path
+from looper.io import read_jsonl, write_jsonl_atomic
+
+
+def rescore(records: list[dict], rw_cfg) -> list[dict]:
+    """New Regime W scores and rewards for every group; texts, answers and grades are kept."""
+    out = []
+    for rec in records:
+        trajs = rec["trajectories"]
+        texts = [t["full_text"] for t in trajs]
+        answers = [t["answer"] for t in trajs]
+        num_tokens = np.array([t["num_tokens"] for t in trajs])
+        correct = np.array([t["correct"] for t in trajs])
+        scores = score_group(texts, answers, num_tokens, rw_cfg)
+        rewards = trajectory_rewards(correct, num_tokens, scores, rw_cfg)
+        new_trajs = [dict(t, cf=float(scores.cf[i]), reward=float(rewards[i])) for i, t in enumerate(trajs)]
+        out.append(dict(rec, **scores.question_fields(), trajectories=new_trajs))
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", default=default_config_path())
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--name", default="dpo_cf", help="name of the variant's adapter and eval files")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    root = cfg.run.output_dir
+    if cfg.model.name_or_path == "tiny" and cfg.base_train is not None:  # the pipeline's base stage output
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=os.path.join(root, "checkpoints", "base")))
+
+    # 1. a different Regime W: consistency-heavy weights, per-trajectory coherence
+    rw = dataclasses.replace(cfg.regime_w, w_end=0.2, w_path=0.2, w_cf=0.6, scope="trajectory")
+    records = rescore(read_jsonl(os.path.join(root, "data", "rollouts.jsonl")), rw)
+
+    # 2. pairs from the new rewards
+    pairs = build_preferences(records, cfg.prefs, prompt_template=cfg.data.prompt_template)
+    pairs_path = os.path.join(root, "data", f"preferences_{args.name}.jsonl")
+    write_jsonl_atomic(pairs_path, pairs)
+    kinds = {k: sum(p["kind"] == k for p in pairs) for k in ("correctness", "coherence")}
+    print(f"[research] {len(pairs)} pairs {kinds} -> {pairs_path}")
+
+    # 3. DPO on them, from the same SFT adapter, into its own folder
+    dpo = dataclasses.replace(cfg.dpo, pairs=pairs_path, output_name=f"{args.name}_lora")
+    adapter = train_dpo(dataclasses.replace(cfg, dpo=dpo))
+
+    # 4. evaluate and compare with SFT (and standard DPO when it exists)
+    evaluate(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, adapter=adapter, name=args.name)))
+    outputs = os.path.join(root, "outputs")
+    files = [os.path.join(outputs, f"{n}_eval.jsonl") for n in ("sft", "dpo", args.name)]
+    return compare([f for f in files if os.path.exists(f)], markdown_path=os.path.join(outputs, f"compare_{args.name}.md"))
+
+
+if __name__ == "__main__":
+    main()
