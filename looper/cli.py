@@ -77,12 +77,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             stages = args.stages.split(",") if args.stages else None
             run_pipeline(cfg, stages=stages, force=args.force)
             return 0
+        from looper.loops.pipeline import stage_config
+
         module, fn = STAGES[args.command]
-        getattr(importlib.import_module(module), fn)(cfg)
+        getattr(importlib.import_module(module), fn)(stage_config(cfg, announce=True))
         return 0
     except (ConfigError, DataError) as e:
         print(f"looper {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # a NaN/inf loss: the message names the step and checkpoint
+        print(f"looper {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

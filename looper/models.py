@@ -241,12 +241,34 @@ def build_tiny_model(
     return out_dir
 
 
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def replace_dir(src: str, dst: str) -> None:
-    """Move finished folder ``src`` to ``dst``, replacing an old ``dst`` with one rename each."""
-    if os.path.exists(dst):
+    """Move finished folder ``src`` to ``dst``, replacing an old ``dst``.
+
+    Where the OS allows it the two folders are swapped atomically, so ``dst`` is never
+    missing, even if the process dies mid-way; elsewhere two renames are used.
+    """
+    if not os.path.exists(dst):
+        os.rename(src, dst)
+    elif _exchange(src, dst):
+        shutil.rmtree(src, ignore_errors=True)  # src now holds the old folder
+    else:
         old = f"{dst}.old.{os.getpid()}"
         os.rename(dst, old)
         os.rename(src, dst)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(src, dst)

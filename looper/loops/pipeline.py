@@ -100,6 +100,21 @@ def uses_base_stage(cfg: Config) -> bool:
     return cfg.model.name_or_path == TINY and cfg.base_train is not None
 
 
+def stage_config(cfg: Config, announce: bool = False) -> Config:
+    """The config a single stage command runs with: after the tiny base stage has run,
+    stages start from its output, as they do inside the pipeline."""
+    if not uses_base_stage(cfg):
+        return cfg
+    if os.path.isfile(os.path.join(paths.checkpoint_dir(cfg, "base"), "config.json")):
+        return after_base(cfg)
+    if announce and dist.is_main():
+        print(
+            "[looper] note: the tiny model's base stage has not run in this output folder, so this "
+            "stage uses the untrained tiny model; `looper pipeline --stages base` runs it"
+        )
+    return cfg
+
+
 def run_pipeline(cfg: Config, stages: Optional[Sequence[str]] = None, force: Sequence[str] = ()) -> dict:
     """Run the selected stages (default: all) in order; returns the comparison summary."""
     from looper.loops.dpo import train_dpo

@@ -1,0 +1,315 @@
+"""SFT throughput and MFU of the real loop (``looper.loops.sft.train_sft``). Prints JSON.
+
+The benchmark runs ``train_sft`` itself on a config, then reads ``metrics/sft.jsonl``:
+the ``tokens_per_s`` it logs for each optimizer step after ``--warmup`` steps is what a
+user's run does (collation, forward, loss, backward, clipping, optimizer step, logging).
+
+Reference setup: the tiny benchmark model (Llama, hidden 256, 4 layers, 4 heads,
+intermediate 680, BPE vocabulary 4096 trained on the GSM8K train texts), LoRA r=16 on
+every linear projection, GSM8K train rows with the default prompt, 16 sequences per
+optimizer step (batch 16, no accumulation), fp32 on CPU / bf16 on GPU.
+
+FLOP convention (stated in the JSON as well):
+- N = the parameters that take part in matmuls: every decoder linear projection plus the
+  LM head (embeddings excluded), plus the LoRA A/B matrices when present.
+- forward: 2N per token; backward: 2N per token for the frozen base (input gradients
+  only) and 4N for trainable weights (LoRA, or everything with ``--full``).
+- attention scores/values, causal, on each row's real length: forward
+  ``2 * L * d * n(n+1)`` per row of n tokens, backward twice that.
+- "model" FLOPs count the real tokens only; padded positions are work the hardware does
+  but the model does not need (``mfu_incl_padding`` counts them).
+- peak: the best of several large square matmuls in the same process (fp32 on CPU with
+  this process's thread count, bf16 on GPU); MFU = achieved / peak.
+
+    python benchmarks/sft_throughput.py                     # reference LoRA setup
+    python benchmarks/sft_throughput.py --full              # full fine-tuning
+    python benchmarks/sft_throughput.py --steps 4 --warmup 1 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from looper.config import TinyModelConfig, load_config  # noqa: E402
+from looper.data.gsm8k import load_questions  # noqa: E402
+from looper.data.tokenize import MicroBatches  # noqa: E402
+from looper.loops.sft import load_sft_examples, train_sft  # noqa: E402
+from looper.metrics import peak_memory_bytes  # noqa: E402
+from looper.models import build_tiny_model, load_tokenizer, pick_device  # noqa: E402
+
+GSM8K_TRAIN = os.path.join(REPO, "..", "shared", "data", "gsm8k", "train.jsonl")
+BENCH_TINY = TinyModelConfig(
+    hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=680, vocab_size=4096
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=10, help="measured optimizer steps")
+    p.add_argument("--warmup", type=int, default=2, help="optimizer steps run before measuring")
+    p.add_argument("--full", action="store_true", help="full fine-tuning (lora=null)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--peak-size", type=int, default=None, help="matmul size for the peak (2048 CPU, 8192 GPU)")
+    p.add_argument("--model-dir", default=None, help="benchmark model folder (built there if missing)")
+    p.add_argument("--work-dir", default=None, help="run folder (default: a temporary one)")
+    p.add_argument("--profile", action="store_true", help="also print a torch.profiler table to stderr")
+    p.add_argument("overrides", nargs="*", help="extra looper config overrides, e.g. sft.activation_checkpointing=true")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def data_source() -> tuple[str | None, str]:
+    if os.path.isfile(GSM8K_TRAIN):
+        return os.path.abspath(GSM8K_TRAIN), "gsm8k train"
+    return None, "synthetic (GSM8K not found at ../shared/data/gsm8k; numbers are not comparable)"
+
+
+def ensure_model(arg: str | None, source: str | None) -> str:
+    tag = hashlib.sha256(json.dumps([BENCH_TINY.__dict__, source is not None]).encode()).hexdigest()[:10]
+    path = arg or os.path.join(tempfile.gettempdir(), f"looper-bench-sft-tiny-{tag}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        rows = load_questions(source, "train")
+        build_tiny_model(path, BENCH_TINY, corpus=[f"{r['question']}\n{r['answer']}" for r in rows])
+    return path
+
+
+def measure_peak(device: torch.device, n: int, reps: int = 8) -> tuple[float, float]:
+    """Best FLOP/s of an n x n x n matmul (fp32 on CPU, bf16 on GPU), by wall time and by
+    process CPU time (FLOPs per CPU-second, summed over threads; CPU only)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.mm(a, b, out=c)
+    sync()
+    best = best_cpu = float("inf")
+    for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        torch.mm(a, b, out=c)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+        best_cpu = min(best_cpu, time.process_time() - c0)
+    return 2 * n**3 / best, 2 * n**3 / max(best_cpu, 1e-9)
+
+
+def matmul_params(model_dir: str, lora_r: int | None) -> dict:
+    """Parameters that take part in matmuls (no embeddings), counted on a meta-device model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from looper.loops.sft import accepts_logits_to_keep
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    body = head = lora = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            if name.endswith("lm_head"):
+                head += mod.weight.numel()
+            else:
+                body += mod.weight.numel()
+                if lora_r:  # peft's all-linear: every decoder projection, not the head
+                    lora += lora_r * (mod.in_features + mod.out_features)
+    return {
+        "decoder_linear": body, "lm_head": head, "lora": lora,
+        "N": body + head + lora, "all_params_incl_embeddings": sum(p.numel() for p in model.parameters()),
+        "layers": config.num_hidden_layers, "hidden": config.hidden_size,
+        "head_trimmed": accepts_logits_to_keep(model),
+    }
+
+
+def step_flops(micro: list[list[tuple[int, int]]], n: dict, full: bool, kind: str) -> float:
+    """Training FLOPs of one optimizer step; ``micro`` = micro-batches of (length, prompt_len).
+
+    kind "model": real tokens, LM head on every token (the usual convention);
+    "executed": real tokens, LM head only where the loop runs it (from the first scored
+    position of the micro-batch on); "padded": "executed" plus the padded positions.
+    """
+    body_tok = 2 * (n["decoder_linear"] + n["lora"])  # forward
+    body_tok += 4 * n["decoder_linear"] if full else 2 * n["decoder_linear"] + 4 * n["lora"]  # backward
+    head_tok = 2 * n["lm_head"] + (4 if full else 2) * n["lm_head"]
+    attn = lambda t: 3 * 2 * n["layers"] * n["hidden"] * t * (t + 1)  # causal, fwd + 2x bwd
+    total = 0.0
+    for mb in micro:
+        width = max(t for t, _ in mb)
+        first = min(p for _, p in mb) - 1 if (n["head_trimmed"] and kind != "model") else 0
+        for t, _ in mb:
+            t = width if kind == "padded" else t
+            total += body_tok * t + head_tok * max(0, t - first) + attn(t)
+    return total
+
+
+class _CpuClock:
+    """Records this process's CPU time at each optimizer step, beside the loop's own wall
+    clock (``looper.metrics.Throughput``, which still produces ``tokens_per_s``). On a
+    shared machine, CPU time shows whether the run was starved of cores."""
+
+    marks: list[tuple[float, float]] = []
+
+    @classmethod
+    def install(cls):
+        import looper.loops.sft as sft_mod
+        from looper.metrics import Throughput
+
+        class Clock(Throughput):
+            def step(self, tokens):
+                rate = super().step(tokens)
+                cls.marks.append((time.perf_counter(), time.process_time()))
+                return rate
+
+            def reset(self):
+                super().reset()
+                cls.marks.append((time.perf_counter(), time.process_time()))
+
+        sft_mod.Throughput = Clock
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    source, data_note = data_source()
+    model_dir = ensure_model(args.model_dir, source)
+    work = args.work_dir or tempfile.mkdtemp(prefix="looper-bench-sft-")
+    n_steps = args.warmup + args.steps
+    overrides = [
+        f"run.output_dir={os.path.join(work, 'run')}", "run.progress=false", f"run.device={args.device}",
+        f"model.name_or_path={model_dir}", f"data.train={source if source else 'null'}", "data.val_size=0",
+        f"data.max_length={args.max_length}", f"sft.batch_size={args.batch_size}",
+        f"sft.grad_accum={args.grad_accum}", f"sft.max_steps={n_steps}", "sft.eval_every=0",
+        "sft.save_every=0", "sft.log_every=1", "sft.resume=none",
+    ]
+    overrides += ["lora=null"] if args.full else [f"lora.r={args.lora_r}", f"lora.alpha={2 * args.lora_r}"]
+    cfg = load_config(None, overrides + list(args.overrides))
+
+    _CpuClock.install()
+    peak_before, peak_cpu_before = measure_peak(device, args.peak_size or (8192 if device.type == "cuda" else 2048))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the peak's matmul buffers are not the loop's
+    t0 = time.perf_counter()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            train_sft(cfg)
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=30), file=sys.stderr)
+    else:
+        train_sft(cfg)
+    wall = time.perf_counter() - t0
+    peak_after, peak_cpu_after = measure_peak(device, args.peak_size or (8192 if device.type == "cuda" else 2048))
+    peak, peak_cpu = max(peak_before, peak_after), max(peak_cpu_before, peak_cpu_after)
+
+    # ---- what the loop measured
+    with open(os.path.join(work, "run", "metrics", "sft.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    measured = [r for r in recs if r["step"] > args.warmup]
+    prev = {r["step"]: r["tokens"] for r in recs}
+    step_tokens = [r["tokens"] - prev.get(r["step"] - 1, 0) for r in measured]
+    seconds = sum(t / r["tokens_per_s"] for t, r in zip(step_tokens, measured))
+
+    # ---- replay the same schedule for padding and FLOPs
+    tok = load_tokenizer(model_dir, cfg.model)
+    train, _, n_trunc = load_sft_examples(cfg, tok)
+    lengths = [len(e.input_ids) for e in train]
+    sched = MicroBatches(lengths, cfg.sft.batch_size, cfg.sft.grad_accum, cfg.sft.seed)
+    steps_rows = [
+        [[(lengths[i], train[i].prompt_len) for i in mb] for mb in sched.step(r["step"] - 1)] for r in measured
+    ]
+    real = sum(t for s in steps_rows for mb in s for t, _ in mb)
+    padded = sum(max(t for t, _ in mb) * len(mb) for s in steps_rows for mb in s)
+    assert real == sum(step_tokens), (real, sum(step_tokens))  # the replay matches the run
+    n = matmul_params(model_dir, None if args.full else args.lora_r)
+    flops = {k: sum(step_flops(s, n, args.full, k) for s in steps_rows) for k in ("model", "executed", "padded")}
+    achieved = flops["model"] / seconds
+    # marks: one per step (reset marks only follow saves/evals, both off here until the end)
+    marks = _CpuClock.marks[: n_steps]
+    m0, m1 = marks[args.warmup - 1] if args.warmup else (None, None), marks[-1]
+    wall_measured = m1[0] - m0[0] if args.warmup else None
+    cpu_measured = m1[1] - m0[1] if args.warmup else None
+
+    out = {
+        "benchmark": "sft_throughput",
+        "mode": "full" if args.full else f"lora r={args.lora_r} all-linear",
+        "device": str(device),
+        "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "dtype": "bf16 params, fp32 master/loss" if device.type == "cuda" else "fp32",
+        "data": data_note,
+        "sequences_per_step": cfg.sft.batch_size * cfg.sft.grad_accum,
+        "sequence_length": cfg.data.max_length,
+        "warmup_steps": args.warmup,
+        "measured_steps": len(measured),
+        "mean_seq_len": real / sum(len(mb) for s in steps_rows for mb in s),
+        "truncated_rows": n_trunc,
+        "tokens_per_s": sum(step_tokens) / seconds,
+        "step_time_s": seconds / len(measured),
+        "padding_fraction": 1 - real / padded,
+        "params": n,
+        "flop_convention": (
+            "N = decoder linear weights + lm_head + LoRA A/B (no embeddings); per token fwd 2N, bwd 2N for frozen "
+            "weights and 4N for trainable ones; plus causal attention 2*L*d*n(n+1) fwd per row of n tokens, x3 "
+            "with bwd. mfu: real tokens, LM head on every token (the usual convention). mfu_executed: the LM head "
+            "only where the loop runs it (it skips each micro-batch's shared prompt prefix). mfu_incl_padding: "
+            "executed work including padded positions"
+        ),
+        "model_flops_per_token": flops["model"] / real,
+        "achieved_flops_per_s": achieved,
+        "peak_flops_per_s": peak,
+        "peak_measurement": (
+            f"best of 8 {'bf16' if device.type == 'cuda' else 'fp32'} {args.peak_size or (8192 if device.type == 'cuda' else 2048)}^3 "
+            f"matmuls; before run {peak_before:.3g}, after run {peak_after:.3g}"
+        ),
+        "mfu": achieved / peak,
+        "mfu_executed": flops["executed"] / seconds / peak,
+        "mfu_incl_padding": flops["padded"] / seconds / peak,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_note": "max RSS of the process" if device.type == "cpu" else "torch.cuda.max_memory_allocated",
+        "wall_s_total_run": wall,
+        "process_cpu_s_per_step": cpu_measured / len(measured) if cpu_measured else None,
+        "cpu_utilization": (
+            cpu_measured / (wall_measured * torch.get_num_threads()) if cpu_measured and device.type == "cpu" else None
+        ),
+        "mfu_cpu_time": (
+            flops["model"] / cpu_measured / peak_cpu if cpu_measured and device.type == "cpu" else None
+        ),
+        "mfu_cpu_time_note": "FLOPs per process CPU-second of the measured steps over the matmul peak per CPU-second: "
+        "insensitive to other processes taking the cores; exact with --threads 1 (with more threads, idle "
+        "OpenMP spinning counts as CPU time, so it is a lower bound)",
+        "cpu_utilization_note": "process CPU time / (wall time x threads) over the measured steps; well below 1 "
+        "means the process was starved (a shared machine) and the wall-clock numbers understate the loop",
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "per_step_tokens_per_s": [round(r["tokens_per_s"], 1) for r in measured],
+    }
+    if args.work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,564 @@
+"""The SFT loop end to end on a tiny model: FSDP2 parity across ranks, exact resume after a
+kill, atomic saves, loss normalization, learning, loadable outputs, full fine-tuning and
+bad input. Every test runs a real ``train_sft`` (in this process, or under torchrun)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT, read_jsonl, run_python, run_torchrun, subprocess_env
+from looper import checkpoint
+from looper.loops.common import stage_dirs
+from looper.loops.sft import train_sft
+
+# metrics that depend on wall time, not on the computation
+VOLATILE = {"tokens_per_s"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def adapter_tensors(out_dir) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(out_dir, "adapter_model.safetensors"))
+
+
+def metrics(cfg, stage: str = "sft") -> list[dict]:
+    return read_jsonl(Path(cfg.run.output_dir) / "metrics" / f"{stage}.jsonl")
+
+
+def resume_root(cfg, stage: str = "sft") -> str:
+    return stage_dirs(cfg, cfg.sft.output_name, stage)["resume"]
+
+
+def assert_tensors_close(a: dict, b: dict, rel: float, what: str, elem_rel: float | None = None) -> float:
+    """Same keys and shapes; ``||a - b|| <= rel * ||a||`` over all tensors together, and no
+    single entry off by more than ``elem_rel`` (default ``10 * rel``) times the largest |a|.
+
+    Why not per-entry relative: Adam divides each gradient entry by its own running RMS, so
+    an entry whose gradient is nearly zero (a sum that cancels) turns fp32 rounding noise
+    of different-but-equivalent computations (padding shapes, summation order across
+    ranks) into an update of up to ``lr``. The bulk of the tensor agrees to ~1e-8; a
+    handful of such entries differ by ~1e-6. Returns the relative norm difference."""
+    assert sorted(a) == sorted(b), f"{what}: different keys {set(a) ^ set(b)}"
+    elem_rel = 10 * rel if elem_rel is None else elem_rel
+    diff2 = norm2 = 0.0
+    worst_elem, scale = 0.0, 1e-30
+    for k in a:
+        x, y = a[k].double(), b[k].double()
+        assert x.shape == y.shape, f"{what}: {k} has shape {tuple(x.shape)} vs {tuple(y.shape)}"
+        diff2 += (x - y).pow(2).sum().item()
+        norm2 += x.pow(2).sum().item()
+        scale = max(scale, x.abs().max().item() if x.numel() else 0.0)
+    for k in a:
+        d = (a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0
+        worst_elem = max(worst_elem, d / scale)
+        assert d <= elem_rel * scale, f"{what}: {k} is off by {d:.3g} (largest |entry| {scale:.3g})"
+    rel_norm = (diff2 ** 0.5) / max(norm2 ** 0.5, 1e-30)
+    assert rel_norm <= rel, f"{what}: relative difference {rel_norm:.3g} > {rel}"
+    return rel_norm
+
+
+def assert_metrics_close(a: list[dict], b: list[dict], rel: float) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert set(ra) == set(rb), f"step {ra['step']}: different fields {set(ra) ^ set(rb)}"
+        for k in ra:
+            if k in VOLATILE:
+                continue
+            if isinstance(ra[k], float):
+                assert ra[k] == pytest.approx(rb[k], rel=rel, abs=1e-9), f"step {ra['step']}: {k}"
+            else:
+                assert ra[k] == rb[k], f"step {ra['step']}: {k}"
+
+
+def flat_items(obj, prefix=""):
+    """(path, leaf) pairs of a nested dict/list state."""
+    if isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from flat_items(obj[k], f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from flat_items(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, obj
+
+
+def load_resume_dict(state_dir: str, tmp_path: Path) -> dict:
+    """A resume state's model and optimizer state as plain tensors (no model needed)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp_path / f"{Path(state_dir).parent.parent.name}-{Path(state_dir).name}-{time.time_ns()}.pt"
+    dcp_to_torch_save(os.path.join(state_dir, "model_optim"), str(out))
+    return torch.load(out, weights_only=True)
+
+
+def assert_states_close(a: dict, b: dict, rel: float, what: str) -> None:
+    """Resume states (model + optimizer) agree: tensors per kind (parameter, exp_avg,
+    exp_avg_sq, step) within ``rel``; everything else (param groups) equal."""
+    fa, fb = dict(flat_items(a)), dict(flat_items(b))
+    assert sorted(fa) == sorted(fb), f"{what}: different entries {set(fa) ^ set(fb)}"
+    kinds: dict[str, list[str]] = {}
+    for k, v in fa.items():
+        if isinstance(v, torch.Tensor):
+            kinds.setdefault(k.rsplit("/", 1)[-1] if k.startswith("/optim") else "param", []).append(k)
+    assert {"exp_avg", "exp_avg_sq", "step", "param"} <= set(kinds), f"{what}: kinds {sorted(kinds)}"
+    for kind, keys in kinds.items():
+        assert_tensors_close({k: fa[k] for k in keys}, {k: fb[k] for k in keys}, rel, f"{what} {kind}")
+    for k, v in fa.items():
+        if isinstance(v, float):
+            assert v == pytest.approx(fb[k], rel=1e-12), f"{what}: {k}"
+        elif not isinstance(v, torch.Tensor):
+            assert v == fb[k], f"{what}: {k}"
+
+
+# --------------------------------------------------------------------------- FSDP2 parity
+
+PARITY_CASES = {
+    # name: (batch_size, grad_accum on 2 ranks); the 1-rank reference uses 2x the accumulation
+    "b4_a1": (4, 1),
+    "b2_a2": (2, 2),
+}
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_rank_with_the_same_global_batch(micro_overrides, micro_cfg, tmp_path):
+    common = dict(sft__max_steps=4, sft__lr=5e-3, sft__warmup_steps=1, sft__eval_every=2, sft__save_every=2)
+    two_rank = {
+        name: micro_overrides(tmp_path / f"w2_{name}", sft__batch_size=b, sft__grad_accum=a, **common)
+        for name, (b, a) in PARITY_CASES.items()
+    }
+    # one torchrun launch runs both cases (process start-up dominates on 2 cores)
+    run_torchrun(
+        f"""
+        from looper.config import load_config
+        from looper.loops.sft import train_sft
+        for overrides in {json.dumps(list(two_rank.values()))}:
+            train_sft(load_config(None, overrides))
+        """,
+        workdir=tmp_path,
+    )
+    for name, (b, a) in PARITY_CASES.items():
+        cfg1 = micro_cfg(tmp_path / f"w1_{name}", sft__batch_size=b, sft__grad_accum=2 * a, **common)
+        out1 = train_sft(cfg1)
+        cfg2 = micro_cfg(tmp_path / f"w2_{name}", sft__batch_size=b, sft__grad_accum=a, **common)
+        m1, m2 = metrics(cfg1), metrics(cfg2)
+        assert len(m1) == 4 and all("eval_loss" in r for r in m1[1::2])
+        # the same rows per step: token counts agree exactly
+        assert [r["completion_tokens"] for r in m1] == [r["completion_tokens"] for r in m2]
+        assert_metrics_close(m1, m2, rel=1e-5)
+        a1, a2 = adapter_tensors(out1), adapter_tensors(stage_dirs(cfg2, "sft_lora")["out"])
+        assert max(v.abs().max().item() for k, v in a1.items() if "lora_B" in k) > 1e-3, "adapter did not train"
+        assert_tensors_close(a1, a2, rel=1e-5, what=f"adapter {name}")
+        # both worlds also wrote the same (resharded-on-load) optimizer state
+        s1 = load_resume_dict(checkpoint.list_resume_states(resume_root(cfg1))[-1], tmp_path)
+        s2 = load_resume_dict(checkpoint.list_resume_states(resume_root(cfg2))[-1], tmp_path)
+        assert_states_close(s1, s2, rel=1e-4, what=f"resume state {name}")
+
+    # a state saved by 2 ranks resumes on 1 rank (DCP reshards) and ends where 1 rank ends
+    b, a = PARITY_CASES["b4_a1"]
+    shutil.copytree(tmp_path / "w2_b4_a1", tmp_path / "w2to1")
+    cfg_r = micro_cfg(tmp_path / "w2to1", sft__batch_size=b, sft__grad_accum=2 * a, **common)
+    shutil.rmtree(os.path.join(resume_root(cfg_r), "step-4"))
+    shutil.rmtree(stage_dirs(cfg_r, "sft_lora")["out"])
+    assert checkpoint.find_resume_state("auto", resume_root(cfg_r)).endswith("step-2")
+    out_r = train_sft(cfg_r)
+    cfg1 = micro_cfg(tmp_path / "w1_b4_a1", sft__batch_size=b, sft__grad_accum=2 * a, **common)
+    assert_metrics_close(metrics(cfg1), metrics(cfg_r), rel=1e-5)
+    assert_tensors_close(adapter_tensors(stage_dirs(cfg1, "sft_lora")["out"]), adapter_tensors(out_r), 1e-5, "2->1 resume")
+
+
+# --------------------------------------------------------------------------- resume after a kill
+
+# A training run that stalls at its ``stall_call``-th training micro-step (mid-step: after
+# the last resume state and metrics line before it were written), touches ``marker`` so
+# the parent knows, and waits there to be SIGKILLed.
+_KILLABLE = """
+import json, os, sys, time
+import torch
+import looper.loops.sft as sft
+from looper.config import load_config
+
+overrides, marker, stall_call = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+real = sft.masked_cross_entropy
+calls = [0]
+
+def stalling(logits, labels, ignore_index=-100):
+    calls[0] += torch.is_grad_enabled()  # training micro-steps only, not eval passes
+    if torch.is_grad_enabled() and calls[0] == stall_call:
+        open(marker, "w").close()
+        time.sleep(600)
+    return real(logits, labels, ignore_index)
+
+sft.masked_cross_entropy = stalling
+sft.train_sft(load_config(None, overrides))
+raise SystemExit("the run was not killed")
+"""
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_adapter_and_optimizer_state(micro_overrides, micro_cfg, tmp_path):
+    # 88 rows / (4 x 2) = 11 steps per epoch, so the resumed run also crosses an epoch;
+    # LoRA dropout makes the result depend on the restored RNG state.
+    settings = dict(
+        sft__max_steps=14, sft__grad_accum=2, sft__save_every=4, sft__eval_every=5, sft__lr=5e-3,
+        sft__warmup_steps=2, lora__dropout=0.1,
+    )
+    killed_dir, full_dir = tmp_path / "killed", tmp_path / "full"
+    cfg_k = micro_cfg(killed_dir, **settings)
+    stall_step = 10
+    marker = tmp_path / "stalled"
+    script = tmp_path / "killable.py"
+    script.write_text(_KILLABLE)
+    # same thread count as this process, so the two halves compute bit-for-bit alike
+    env = subprocess_env({"OMP_NUM_THREADS": torch.get_num_threads()})
+    cmd = [sys.executable, str(script), json.dumps(micro_overrides(killed_dir, **settings)), str(marker),
+           str((stall_step - 1) * 2 + 1)]
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while not marker.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended before it could be killed:\n{(tmp_path / 'killed.log').read_text()[-4000:]}")
+            if time.time() > deadline:
+                pytest.fail("the run never reached the kill point")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    root = resume_root(cfg_k)
+    assert [Path(p).name for p in checkpoint.list_resume_states(root)] == ["step-4", "step-8"]
+    assert [r["step"] for r in metrics(cfg_k)] == list(range(1, stall_step))  # step 9 logged
+    assert not os.path.exists(stage_dirs(cfg_k, "sft_lora")["out"] + "/adapter_model.safetensors")
+
+    out_k = train_sft(cfg_k)  # resume=auto picks up step-8
+    cfg_f = micro_cfg(full_dir, **settings)
+    out_f = train_sft(cfg_f)
+
+    worst = assert_tensors_close(adapter_tensors(out_k), adapter_tensors(out_f), rel=1e-6, what="adapter")
+    assert_metrics_close(metrics(cfg_k), metrics(cfg_f), rel=1e-6)
+    assert [r["step"] for r in metrics(cfg_k)] == list(range(1, 15))
+    states_k, states_f = checkpoint.list_resume_states(root), checkpoint.list_resume_states(resume_root(cfg_f))
+    assert [Path(p).name for p in states_k] == [Path(p).name for p in states_f] == ["step-12", "step-14"]
+    for sk, sf in zip(states_k, states_f):
+        assert_states_close(load_resume_dict(sk, tmp_path), load_resume_dict(sf, tmp_path), 1e-6, Path(sk).name)
+        tk, tf = (json.loads(Path(p, "trainer_state.json").read_text()) for p in (sk, sf))
+        assert tk == tf
+    print(f"worst relative adapter difference after resume: {worst:.3g}")
+
+
+# --------------------------------------------------------------------------- atomic saves
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_crash_mid_save_keeps_the_previous_resume_state(micro_cfg, tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    cfg = micro_cfg(tmp_path / "run", sft__max_steps=6, sft__save_every=2)
+    real_save = dcp.save
+    calls = [0]
+
+    def crashing_save(state_dict, *args, **kwargs):
+        calls[0] += 1
+        result = real_save(state_dict, *args, **kwargs)  # the shards are on disk ...
+        if calls[0] == 2:
+            raise _Crash("killed mid-save")  # ... but trainer_state.json and the rename are not
+        return result
+
+    monkeypatch.setattr(dcp, "save", crashing_save)
+    with pytest.raises(_Crash):
+        train_sft(cfg)
+    monkeypatch.setattr(dcp, "save", real_save)
+
+    root = resume_root(cfg)
+    stray = glob.glob(os.path.join(root, ".tmp-step-4-*"))
+    assert len(stray) == 1 and os.listdir(os.path.join(stray[0], "model_optim")), "no half-written save to test"
+    assert [Path(p).name for p in checkpoint.list_resume_states(root)] == ["step-2"]
+    assert checkpoint.find_resume_state("auto", root).endswith("step-2")
+    state = load_resume_dict(os.path.join(root, "step-2"), tmp_path)
+    assert any("exp_avg" in k for k, _ in flat_items(state))
+
+    out = train_sft(cfg)  # resumes from step-2; the next save cleans the stray folder
+    assert not glob.glob(os.path.join(root, ".tmp-*"))
+    assert [r["step"] for r in metrics(cfg)] == list(range(1, 7))
+    cfg_ref = micro_cfg(tmp_path / "ref", sft__max_steps=6, sft__save_every=2)
+    assert_tensors_close(adapter_tensors(out), adapter_tensors(train_sft(cfg_ref)), 1e-6, "adapter")
+
+
+def test_crash_mid_adapter_save_keeps_the_old_adapter(micro_cfg, tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    from looper.models import load_base_model
+
+    cfg = micro_cfg(tmp_path / "run", sft__max_steps=2, sft__lr=1e-2)
+    out = train_sft(cfg)
+    before = {p.name: p.read_bytes() for p in Path(out).iterdir()}
+
+    real_replace = checkpoint.replace_dir
+
+    def crash(src, dst):
+        if os.path.basename(dst) == "sft_lora":
+            raise _Crash("killed before the rename")
+        return real_replace(src, dst)
+
+    # a second save of the same folder (more steps from the resume state) dies before its rename
+    cfg2 = micro_cfg(tmp_path / "run", sft__max_steps=4, sft__lr=1e-2, sft__resume="none")
+    monkeypatch.setattr(checkpoint, "replace_dir", crash)
+    with pytest.raises(_Crash):
+        train_sft(cfg2)
+    monkeypatch.undo()
+    stray = glob.glob(os.path.join(os.path.dirname(out), ".tmp-sft_lora-*"))
+    assert len(stray) == 1 and os.path.isfile(os.path.join(stray[0], "adapter_model.safetensors"))
+    unfinished = load_file(os.path.join(stray[0], "adapter_model.safetensors"))
+    assert {p.name: p.read_bytes() for p in Path(out).iterdir()} == before
+    model = PeftModel.from_pretrained(load_base_model(cfg.model.name_or_path), out)
+    assert sum("lora_B" in n for n, _ in model.named_parameters()) > 0
+
+    train_sft(cfg2)  # the next save of that folder succeeds and removes the stray one
+    assert not glob.glob(os.path.join(os.path.dirname(out), ".tmp-*"))
+    assert_tensors_close(adapter_tensors(out), unfinished, 1e-6, "adapter")  # the 4-step one, now in place
+
+
+# --------------------------------------------------------------------------- loss normalization
+
+
+def test_four_microbatches_of_one_equal_one_batch_of_four(micro_cfg, tmp_path, monkeypatch):
+    """The loss is normalized by the step's completion-token count, not per micro-batch."""
+    import looper.loops.sft as sft
+    from looper.data.tokenize import MicroBatches, collate
+    from looper.losses.sft import masked_cross_entropy
+    from looper.models import load_base_model, load_tokenizer
+
+    class FixedSchedule(MicroBatches):
+        """Step s uses rows 4s..4s+3 however they are split into micro-batches."""
+
+        def step(self, step):
+            rows = list(range(4 * step, 4 * step + 4))
+            return [rows[i : i + self.batch_size] for i in range(0, 4, self.batch_size)]
+
+    monkeypatch.setattr(sft, "MicroBatches", FixedSchedule)
+    runs = {}
+    for b, a in [(4, 1), (1, 4), (2, 2)]:
+        cfg = micro_cfg(tmp_path / f"b{b}a{a}", sft__batch_size=b, sft__grad_accum=a, sft__max_steps=4, sft__lr=5e-3)
+        runs[(b, a)] = (cfg, train_sft(cfg))
+    cfg4, out4 = runs[(4, 1)]
+    m4 = metrics(cfg4)
+    for key in [(1, 4), (2, 2)]:
+        cfg, out = runs[key]
+        assert_metrics_close(m4, metrics(cfg), rel=1e-5)
+        assert_tensors_close(adapter_tensors(out4), adapter_tensors(out), 1e-5, f"adapter {key}")
+
+    # step 1 (LoRA B = 0, so the base model): sum of token losses / number of completion tokens
+    tok = load_tokenizer(cfg4.model.name_or_path)
+    train, _, _ = sft.load_sft_examples(cfg4, tok)
+    rows = train[0:4]
+    assert len({sum(l != -100 for l in e.labels) for e in rows}) > 1, "rows should differ in length"
+    model = load_base_model(cfg4.model.name_or_path)
+    with torch.no_grad():
+        batch = collate(rows, tok.pad_token_id)
+        s, n = masked_cross_entropy(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    assert m4[0]["completion_tokens"] == int(n)
+    assert m4[0]["loss"] == pytest.approx((s / n).item(), rel=1e-5)
+
+
+def test_lm_head_skips_only_the_shared_prompt_prefix(tiny_model_dir):
+    """The loop's forward runs the LM head from the first scored position on; same loss."""
+    from looper.data.tokenize import Encoded, collate
+    from looper.losses.sft import masked_cross_entropy
+    from looper.loops.sft import accepts_logits_to_keep, loss_logits
+    from looper.models import attach_lora, load_base_model
+    from looper.config import LoraConfig
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n, p in [(20, 7), (14, 5), (25, 11)]:
+        ids = torch.randint(4, 200, (n,), generator=g).tolist()
+        rows.append(Encoded(ids, [-100] * p + ids[p:], p, False))
+    batch = collate(rows, pad_id=3)
+    model = attach_lora(load_base_model(str(tiny_model_dir)), LoraConfig(r=4))
+    assert accepts_logits_to_keep(model)
+    with torch.no_grad():
+        logits, labels = loss_logits(model, batch, trim=True)
+        assert logits.shape[1] == labels.shape[1] == 25 - (5 - 1)  # from the first target's predictor
+        s, n = masked_cross_entropy(logits, labels)
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        s_full, n_full = masked_cross_entropy(full, batch["labels"])
+        torch.testing.assert_close(logits, full[:, 4:], rtol=1e-6, atol=1e-6)
+    assert int(n) == int(n_full) == sum(len(e.input_ids) - e.prompt_len for e in rows)
+    assert s.item() == pytest.approx(s_full.item(), rel=1e-6)
+    logits, labels = loss_logits(model, batch, trim=False)
+    assert logits.shape[1] == 25 and torch.equal(labels, batch["labels"])
+
+
+# --------------------------------------------------------------------------- it learns
+
+
+def test_training_lowers_the_eval_loss(micro_cfg, tmp_path):
+    # The tiny random base bounds what LoRA can do (the LM head is frozen and its logits are
+    # ~0.1 wide): uniform is log(300) = 5.70 and 40 steps reach about 5.52.
+    cfg = micro_cfg(tmp_path, sft__max_steps=40, sft__eval_every=4, sft__lr=1e-2, lora__r=8, lora__alpha=32)
+    train_sft(cfg)
+    m = metrics(cfg)
+    evals = [r["eval_loss"] for r in m if "eval_loss" in r]
+    assert len(evals) == 10
+    assert evals[-1] < evals[0] - 0.05, evals
+    assert evals[-1] < min(evals[:-1]) + 1e-3, evals  # no late blow-up
+    losses = [r["loss"] for r in m]
+    assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8 - 0.05, losses
+
+
+# --------------------------------------------------------------------------- output loads elsewhere
+
+
+@pytest.mark.slow
+def test_saved_adapter_loads_with_peft_in_a_fresh_process(micro_cfg, tmp_path):
+    from looper.models import load_base_model, merged_model
+
+    cfg = micro_cfg(tmp_path / "run", sft__max_steps=4, sft__lr=1e-2)
+    out = train_sft(cfg)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    ids = torch.randint(4, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "ids.pt")
+    run_python(
+        f"""
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        base = AutoModelForCausalLM.from_pretrained({str(cfg.model.name_or_path)!r}, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, {out!r}).eval()
+        with torch.no_grad():
+            logits = model(input_ids=torch.load({str(tmp_path / 'ids.pt')!r})).logits
+        torch.save(logits, {str(tmp_path / 'peft_logits.pt')!r})
+        """,
+        workdir=tmp_path,
+    )
+    peft_logits = torch.load(tmp_path / "peft_logits.pt", weights_only=True)
+    with torch.no_grad():
+        merged = merged_model(load_base_model(cfg.model.name_or_path), out).eval()
+        ours = merged(input_ids=ids).logits
+        base = load_base_model(cfg.model.name_or_path).eval()(input_ids=ids).logits
+    assert (ours - base).abs().max() > 1e-3, "the adapter changes nothing: the test would be vacuous"
+    torch.testing.assert_close(peft_logits, ours, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- full fine-tuning
+
+
+def test_full_finetuning_saves_a_loadable_hf_model(micro_cfg, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from looper.models import load_base_model
+
+    cfg = micro_cfg(tmp_path, lora=None, sft__max_steps=3, sft__lr=1e-3, sft__output_name="sft_full")
+    assert cfg.lora is None
+    out = train_sft(cfg)
+    assert os.path.isfile(os.path.join(out, "config.json")) and os.path.isfile(os.path.join(out, "tokenizer.json"))
+    assert not os.path.exists(os.path.join(out, "adapter_config.json"))
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    base = load_base_model(cfg.model.name_or_path)
+    sd_l, sd_b = loaded.state_dict(), base.state_dict()
+    assert sorted(sd_l) == sorted(sd_b)
+    changed = [k for k in sd_b if not torch.equal(sd_l[k], sd_b[k])]
+    assert len(changed) > len(sd_b) // 2, f"only {changed} changed"
+    m = metrics(cfg)
+    assert len(m) == 3 and all(r["grad_norm"] > 0 for r in m)
+    assert checkpoint.list_resume_states(resume_root(cfg))[-1].endswith("step-3")
+    ids = torch.randint(4, 200, (1, 16))
+    with torch.no_grad():
+        assert torch.isfinite(loaded(input_ids=ids).logits).all()
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_empty_dataset_is_a_clear_error(micro_overrides, tmp_path, capsys):
+    from looper.cli import main
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code = main(["sft", *micro_overrides(tmp_path / "run", data__train=str(empty))])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(empty) in err and re.search(r"empty|no (rows|records)", err), err
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "sft_lora")
+
+
+def test_too_long_rows_error_or_truncate(micro_cfg, micro_overrides, tmp_path, capsys):
+    from looper.cli import main
+    from looper.io import DataError
+
+    # every synthetic row is > 100 tokens and many prompts alone are > 64
+    with pytest.raises(DataError, match=r"data\.max_length=64"):
+        train_sft(micro_cfg(tmp_path / "err", data__max_length=64, data__truncation="error"))
+    assert main(["sft", *micro_overrides(tmp_path / "err2", data__max_length=64, data__truncation="error")]) == 2
+    assert "data.max_length=64" in capsys.readouterr().err
+
+    cfg = micro_cfg(tmp_path / "cut", data__max_length=64, data__truncation="truncate", sft__max_steps=2)
+    train_sft(cfg)
+    out = capsys.readouterr().out
+    assert "(96 truncated)" in out, out  # 88 train + 8 val rows, all cut
+    m = metrics(cfg)
+    assert all(r["tokens"] - p <= 4 * 64 for r, p in zip(m, [0] + [r["tokens"] for r in m[:-1]]))
+    assert all(r["completion_tokens"] > 0 for r in m)  # truncation keeps some completion
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("sft.batch_size=0", "sft.batch_size"), ("sft.lr=abc", "sft.lr"), ("sft.bogus=1", "sft.bogus"),
+     ("data.truncation=maybe", "data.truncation")],
+)
+def test_bad_config_value_exits_2_naming_the_key(override, key, tmp_path, capsys):
+    from looper.cli import main
+
+    code = main(["sft", f"run.output_dir={tmp_path}", override])
+    err = capsys.readouterr().err
+    assert code == 2 and key in err, err
+    assert not os.listdir(tmp_path)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(micro_cfg, tmp_path, monkeypatch):
+    import looper.loops.sft as sft
+
+    cfg = micro_cfg(tmp_path, sft__max_steps=6, sft__save_every=2)
+    real = sft.masked_cross_entropy
+    calls = [0]
+
+    def nan_from_step_3(logits, labels, ignore_index=-100):
+        calls[0] += 1  # one call per step (grad_accum=1, no eval before the end)
+        s, n = real(logits, labels, ignore_index)
+        return (s * float("nan") if calls[0] >= 3 else s), n
+
+    monkeypatch.setattr(sft, "masked_cross_entropy", nan_from_step_3)
+    root = resume_root(cfg)
+    with pytest.raises(FloatingPointError, match=r"step 3\b") as info:
+        train_sft(cfg)
+    assert os.path.join(root, "step-2") in str(info.value)
+    assert [Path(p).name for p in checkpoint.list_resume_states(root)] == ["step-2"]
+    assert [r["step"] for r in metrics(cfg)] == [1, 2]
+    assert not os.path.exists(stage_dirs(cfg, "sft_lora")["out"] + "/adapter_model.safetensors")
+    monkeypatch.undo()
+    train_sft(cfg)  # the kept checkpoint resumes cleanly
+    assert [r["step"] for r in metrics(cfg)] == list(range(1, 7))
