@@ -18,7 +18,7 @@ from looper.config import Config, ConfigError, save_config
 from looper.data.gsm8k import extract_answer, format_prompt, is_correct, load_questions
 from looper.generation import generation_meta, load_for_generation, run_generation
 from looper.io import DataError, write_json_atomic
-from looper.regime_w import score_group, trajectory_rewards
+from looper.regime_w import answer_key, score_group, trajectory_rewards
 
 
 def resolve_policy_adapter(cfg: Config):
@@ -63,17 +63,33 @@ def make_rollout_record(question: dict, samples: list[dict], cfg: Config) -> dic
     }
 
 
-def rollout_summary(records: list[dict]) -> dict:
-    """Single-sample accuracy, maj@k, pass@k, mean group scores and group counts."""
-    from collections import Counter
+def majority_answer(answers: list, max_digits: int = 30):
+    """The majority answer of a group as Regime W defines it (``score_group``'s ``majority``):
+    the most common non-None answer, numbers agreeing by value; a tie goes to the smallest
+    key, so the result does not depend on the order of the trajectories. None if every
+    answer is None."""
+    counts: dict[tuple, int] = {}
+    first: dict[tuple, object] = {}
+    for a in answers:
+        key = answer_key(a, max_digits)
+        if key is not None:
+            counts[key] = counts.get(key, 0) + 1
+            first.setdefault(key, a)
+    if not counts:
+        return None
+    top = max(counts.values())
+    return first[min(key for key, c in counts.items() if c == top)]
 
+
+def rollout_summary(records: list[dict], max_digits: int = 30) -> dict:
+    """Single-sample accuracy, maj@k (majority answer as in Regime W's s_end), pass@k,
+    mean group scores and group counts."""
     n = len(records)
     corr = [[t["correct"] for t in r["trajectories"]] for r in records]
     maj = 0
     for r in records:
-        votes = Counter(t["answer"] for t in r["trajectories"] if t["answer"] is not None)
-        if votes:
-            top = votes.most_common(1)[0][0]
+        top = majority_answer([t["answer"] for t in r["trajectories"]], max_digits)
+        if top is not None:
             maj += is_correct(top, r["gold"])
     mean = lambda key: float(np.mean([r[key] for r in records])) if n else 0.0  # noqa: E731
     return {
@@ -129,7 +145,7 @@ def collect_rollouts(cfg: Config) -> dict:
         make_record=lambda q, samples: make_rollout_record(q, samples, cfg),
         progress=cfg.run.progress, meta=meta, desc="rollout",
     )
-    summary = rollout_summary(records)
+    summary = rollout_summary(records, cfg.regime_w.max_number_digits)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     if env.is_main:
         write_json_atomic(os.path.join(os.path.dirname(out_path), "rollouts_summary.json"), summary)
