@@ -57,7 +57,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     from looper.config import ConfigError
     from looper.io import DataError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also come after options: `looper pipeline --force dpo dpo.lr=1e-4`
+    bad = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         if args.command == "compare":
             from looper.loops.evaluate import compare

@@ -437,6 +437,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name}.betas must have two values, got {t.betas}")
     if cfg.rollout.k < 1:
         raise ConfigError(f"rollout.k must be >= 1, got {cfg.rollout.k}")
+    for name in ("rollout", "eval"):
+        n = getattr(cfg, name).n_questions
+        if n == 0 or n < -1:
+            raise ConfigError(f"{name}.n_questions must be -1 (all) or >= 1, got {n}")
     if cfg.data.max_length < 8:
         raise ConfigError(f"data.max_length must be >= 8, got {cfg.data.max_length}")
     if cfg.lora is not None and cfg.lora.r < 1:

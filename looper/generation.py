@@ -95,6 +95,9 @@ def load_for_generation(cfg: Config, adapter_path: Optional[str], device: torch.
     """
     from looper.models import check_adapter_dir, ensure_base_model, load_base_model, load_tokenizer, merged_model
 
+    from looper.loops.common import quiet_transformers
+
+    quiet_transformers()
     if adapter_path is not None:
         check_adapter_dir(adapter_path)
     with dist.main_first():  # the offline tiny model is built once, by rank 0

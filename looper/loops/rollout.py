@@ -127,7 +127,7 @@ def collect_rollouts(cfg: Config) -> dict:
     adapter = resolve_policy_adapter(cfg)
     source = r.dataset if r.dataset is not None else cfg.data.train
     questions = load_questions(source, "train", cfg.data)
-    if r.n_questions > 0:
+    if r.n_questions >= 0:  # -1 = all
         questions = questions[: r.n_questions]
     if not questions:
         raise DataError(f"rollout dataset {source or 'synthetic'} has no questions")

@@ -1,0 +1,313 @@
+"""Rollout throughput of the real stage (``looper.loops.rollout.collect_rollouts``). Prints JSON.
+
+The benchmark runs ``collect_rollouts`` on a config, as ``looper rollout`` does: load the
+base model and merge the SFT adapter, sample K trajectories per question (sharded
+generation engine, per-question seeds, per-record appends), grade and score each group
+with Regime W, merge and write ``data/rollouts.jsonl``. It reports
+
+- trajectories/s and generated tokens/s over the stage's generation-and-scoring loop
+  (``summary["seconds"]``: ``run_generation`` with its record building, the merge included),
+  and the whole stage's wall time (model loading included);
+- the time spent grading and scoring (``extract_answer``, ``is_correct``, ``score_group``,
+  ``trajectory_rewards``, timed by wrapping the names ``make_rollout_record`` calls) and its
+  share of the loop time, which must stay under ``--max-scoring-share`` (5%): the exit
+  status is 1 when it does not;
+- peak memory: the process's peak RSS, the peak RSS sampled during the stage, and on GPU
+  the peak allocated CUDA memory of the stage.
+
+Reference setup: the tiny benchmark model of ``generation_throughput.py`` (Llama, hidden
+256, 4 layers, 4 heads, intermediate 680, BPE vocabulary 4096 trained on the GSM8K train
+texts; untrained, so its samples are long and EOS is rare), an SFT adapter (LoRA r=16 on
+every linear projection, small random non-zero B), 32 GSM8K train questions, K=8, 256 new
+tokens at temperature 1, fp32 on CPU / bf16 on GPU, one CPU thread by default.
+
+    python benchmarks/rollout_throughput.py                                  # reference setup
+    python benchmarks/rollout_throughput.py --questions 4 --k 4 --new-tokens 32   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
+
+import generation_throughput as gen_bench  # noqa: E402  (the shared benchmark model)
+
+import looper.loops.rollout as rollout  # noqa: E402
+from looper.config import LoraConfig, load_config  # noqa: E402
+from looper.data.gsm8k import load_questions  # noqa: E402
+from looper.models import attach_lora, build_tiny_model, load_base_model, load_tokenizer  # noqa: E402
+
+GSM8K_TRAIN = os.path.join(REPO, "..", "shared", "data", "gsm8k", "train.jsonl")
+SCORING_NAMES = ("extract_answer", "is_correct", "score_group", "trajectory_rewards")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--questions", type=int, default=32)
+    p.add_argument("--k", type=int, default=8, help="trajectories per question")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=256, help="generation rows per forward")
+    p.add_argument("--max-batch-tokens", type=int, default=1 << 20)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared 2-core machine 2 threads are slower; 0 = torch's default)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--model-dir", default=None, help="benchmark model folder (built there if missing)")
+    p.add_argument("--work-dir", default=None, help="folder for the adapter and the runs (default: temporary, removed)")
+    p.add_argument("--max-scoring-share", type=float, default=0.05)
+    p.add_argument("overrides", nargs="*", help="extra looper config overrides, e.g. regime_w.scope=trajectory")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def data_source() -> tuple[str | None, str]:
+    if os.path.isfile(GSM8K_TRAIN):
+        return os.path.abspath(GSM8K_TRAIN), "gsm8k train"
+    return None, "synthetic (GSM8K not found at ../shared/data/gsm8k; numbers are not comparable)"
+
+
+def ensure_model(arg: str | None, source: str | None) -> str:
+    """The benchmark model, shared with generation_throughput.py (same folder, same build)."""
+    path = arg or gen_bench.model_dir(None, "gsm8k" if source is not None else "synthetic")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        rows = load_questions(source, "train")
+        build_tiny_model(path, gen_bench.BENCH_TINY, corpus=[f"{r['question']}\n{r['answer']}" for r in rows])
+    return path
+
+
+def make_adapter(model_dir: str, out: str, r: int) -> None:
+    """An SFT-like adapter: LoRA r on every linear projection, small random non-zero B."""
+    model = load_base_model(model_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = attach_lora(model, LoraConfig(r=r, alpha=2 * r))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.01)
+    model.save_pretrained(out)
+    load_tokenizer(model_dir).save_pretrained(out)
+
+
+def stage_config(args, model_dir: str, adapter: str, out: str, source: str | None, **kw):
+    g = dict(max_new_tokens=args.new_tokens, temperature=args.temperature, top_p=1.0,
+             batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, seed=0)
+    g.update(kw.pop("generation", {}))
+    settings = {
+        "run.output_dir": out, "run.device": args.device, "run.progress": False,
+        "model.name_or_path": model_dir,
+        "rollout.dataset": source, "rollout.adapter": adapter,
+        "rollout.n_questions": kw.pop("questions", args.questions), "rollout.k": kw.pop("k", args.k),
+        **{f"rollout.generation.{key}": value for key, value in g.items()},
+    }
+    items = [f"{key}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}" for key, v in settings.items()]
+    return load_config(None, items + list(args.overrides))
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+class ScoringTimer:
+    """Times the grading and scoring inside ``make_rollout_record``: wraps the names it calls
+    (``extract_answer``, ``is_correct``, ``score_group``, ``trajectory_rewards``) and the
+    function itself, and counts a call only while a record is being made (the summary's
+    own ``is_correct`` calls are left out)."""
+
+    def __init__(self):
+        self.seconds = {name: 0.0 for name in SCORING_NAMES}
+        self.calls = {name: 0 for name in SCORING_NAMES}
+        self.record_seconds, self.records = 0.0, 0
+        self._saved: dict = {}
+        self._in_record = False
+
+    def _wrap(self, name, fn):
+        @functools.wraps(fn)
+        def timed(*a, **kw):
+            if not self._in_record:
+                return fn(*a, **kw)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.seconds[name] += time.perf_counter() - t0
+                self.calls[name] += 1
+
+        return timed
+
+    def _wrap_record(self, fn):
+        @functools.wraps(fn)
+        def timed(*a, **kw):
+            self._in_record = True
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.record_seconds += time.perf_counter() - t0
+                self.records += 1
+                self._in_record = False
+
+        return timed
+
+    def __enter__(self):
+        for name in SCORING_NAMES:
+            self._saved[name] = getattr(rollout, name)
+            setattr(rollout, name, self._wrap(name, self._saved[name]))
+        self._saved["make_rollout_record"] = rollout.make_rollout_record
+        rollout.make_rollout_record = self._wrap_record(rollout.make_rollout_record)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved.items():
+            setattr(rollout, name, fn)
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+class RssSampler:
+    """Peak resident memory of this process while a block runs (sampled every 5 ms)."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.peak = self._rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def mib(n: float) -> float:
+    return round(n / 2**20, 1)
+
+
+def main(argv=None) -> dict:
+    from looper.models import pick_device
+
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    source, data_note = data_source()
+    model_dir = ensure_model(args.model_dir, source)
+    work = args.work_dir or tempfile.mkdtemp(prefix="looper-bench-rollout-")
+    os.makedirs(work, exist_ok=True)
+    try:
+        adapter = os.path.join(work, "sft_lora")
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            make_adapter(model_dir, adapter, args.lora_r)
+
+        # warm-up (allocator, thread pool, kernels) on a tiny run in its own folder
+        warm_out = os.path.join(work, "warmup")
+        shutil.rmtree(warm_out, ignore_errors=True)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout holds only the JSON
+            rollout.collect_rollouts(stage_config(args, model_dir, adapter, warm_out, source,
+                                                  questions=2, k=2, generation={"max_new_tokens": 4}))
+
+        out = os.path.join(work, "run")
+        shutil.rmtree(out, ignore_errors=True)  # a fresh folder: a leftover file would be resumed, not rerun
+        cfg = stage_config(args, model_dir, adapter, out, source)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        with RssSampler() as rss, ScoringTimer() as timer, contextlib.redirect_stdout(sys.stderr):
+            t0 = time.perf_counter()
+            summary = rollout.collect_rollouts(cfg)
+            stage_s = time.perf_counter() - t0
+        records = [json.loads(line) for line in open(os.path.join(out, "data", "rollouts.jsonl"), encoding="utf-8")]
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    loop_s = max(float(summary["seconds"]), 1e-9)
+    n_traj = sum(len(r["trajectories"]) for r in records)
+    n_tokens = sum(t["num_tokens"] for r in records for t in r["trajectories"])
+    n_finished = sum(bool(t.get("finished")) for r in records for t in r["trajectories"])
+    share = timer.total / loop_s
+    memory = {
+        "peak_rss_mib_process": mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+        "peak_rss_mib_stage": mib(rss.peak),
+    }
+    if device.type == "cuda":
+        memory["peak_cuda_allocated_mib_stage"] = mib(torch.cuda.max_memory_allocated(device))
+    result = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "model": {"path": model_dir, **{k: gen_bench.BENCH_TINY.__dict__[k]
+                                        for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size")},
+                  "lora_r": args.lora_r},
+        "data": data_note,
+        "questions": len(records),
+        "k": args.k,
+        "new_tokens": args.new_tokens,
+        "temperature": args.temperature,
+        "batch_size": args.batch_size,
+        "trajectories": n_traj,
+        "generated_tokens": n_tokens,
+        "finished_with_eos": n_finished,
+        "loop_seconds": round(loop_s, 3),
+        "stage_seconds": round(stage_s, 3),
+        "trajectories_per_s": round(n_traj / loop_s, 2),
+        "generated_tokens_per_s": round(n_tokens / loop_s, 1),
+        "stage_trajectories_per_s": round(n_traj / stage_s, 2),
+        "scoring": {
+            "seconds": round(timer.total, 4),
+            "share_of_loop": round(share, 5),
+            "share_of_stage": round(timer.total / stage_s, 5),
+            "limit": args.max_scoring_share,
+            "ok": share < args.max_scoring_share,
+            "by_function_s": {k: round(v, 4) for k, v in timer.seconds.items()},
+            "calls": timer.calls,
+            "ms_per_group": round(1000 * timer.total / max(1, len(records)), 3),
+            "make_rollout_record_seconds": round(timer.record_seconds, 4),
+            "make_rollout_record_share_of_loop": round(timer.record_seconds / loop_s, 5),
+        },
+        "rollout_summary": {k: summary[k] for k in ("accuracy", "maj_at_k", "pass_at_k", "s_wm", "mean_tokens")},
+        "peak_memory": memory,
+    }
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    res = main()
+    sys.exit(0 if res["scoring"]["ok"] else 1)
