@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -39,17 +37,16 @@ import time
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # common.py beside this file; looper at the repo root
 
-from looper.config import ABEL_PROMPT, LoraConfig, TinyModelConfig, load_config  # noqa: E402
-from looper.data.gsm8k import format_completion, format_prompt, load_questions  # noqa: E402
-from looper.models import attach_lora, build_tiny_model, load_base_model, load_tokenizer  # noqa: E402
-
-GSM8K_DIR = os.path.join(REPO, "..", "shared", "data", "gsm8k")
-BENCH_TINY = TinyModelConfig(
-    hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=680, vocab_size=4096
+from common import (  # noqa: E402
+    BENCH_TINY, data_source, default_peak_size, ensure_model, make_adapter, matmul_peak, peak_memory, set_threads,
 )
+
+from looper.config import ABEL_PROMPT, LoraConfig, load_config  # noqa: E402
+from looper.data.gsm8k import format_completion, format_prompt, load_questions  # noqa: E402
+from looper.models import attach_lora, load_base_model, pick_device  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,26 +70,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- setup
 
 
-def load_data(n: int) -> tuple[list[dict], list[str], str]:
-    """GSM8K train questions (for pairs) and texts (for the tokenizer); synthetic if absent."""
-    train = os.path.join(GSM8K_DIR, "train.jsonl")
-    if os.path.isfile(train):
-        rows = load_questions(train, "train")
-        note = "gsm8k train"
-    else:
-        rows = load_questions(None, "train")
-        note = "synthetic (GSM8K train not found at ../shared/data/gsm8k)"
-    corpus = [f"{q['question']}\n{q['answer']}" for q in rows]
-    return rows[:n], corpus, note
-
-
-def model_dir(arg: str | None, data_note: str) -> str:
-    if arg:
-        return arg
-    tag = hashlib.sha256(json.dumps([BENCH_TINY.__dict__, data_note]).encode()).hexdigest()[:10]
-    return os.path.join(tempfile.gettempdir(), f"looper-bench-dpo-tiny-{tag}")
-
-
 def write_pairs(path: str, rows: list[dict]) -> None:
     """Chosen: the question's own solution; rejected: the next question's solution."""
     with open(path, "w") as f:
@@ -106,17 +83,6 @@ def write_pairs(path: str, rows: list[dict]) -> None:
             }) + "\n")
 
 
-def make_adapter(base: str, out: str, r: int) -> None:
-    torch.manual_seed(0)
-    model = attach_lora(load_base_model(base), LoraConfig(r=r, alpha=2 * r, dropout=0.0))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.01)
-    model.save_pretrained(out)
-    load_tokenizer(base).save_pretrained(out)
-
-
 def flop_params(base: str, r: int) -> dict:
     """N for the FLOP convention: non-embedding weights (lm_head included) plus LoRA."""
     model = load_base_model(base)
@@ -126,27 +92,6 @@ def flop_params(base: str, r: int) -> dict:
     n_lora = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
     return {"total_base": total, "embedding": emb, "non_embedding_incl_lm_head": total - emb, "lora": n_lora,
             "N": total - emb + n_lora}
-
-
-def matmul_peak(device: torch.device, size: int, reps: int = 6) -> float:
-    """Best FLOP/s of ``size``-square matmuls (fp32 on CPU, bf16 on GPU)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    c = torch.empty(size, size, device=device, dtype=dtype)
-    torch.matmul(a, b, out=c)  # warm-up
-    best = float("inf")
-    inner = 10 if device.type == "cuda" else 2
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            torch.matmul(a, b, out=c)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, (time.perf_counter() - t0) / inner)
-    return 2 * size**3 / best
 
 
 # --------------------------------------------------------------------------- the measured run
@@ -192,25 +137,15 @@ class Probe:
         self.mod.reference_pass, self.mod.collate_pairs = self._ref, self._collate
 
 
-def peak_memory(device: torch.device) -> dict:
-    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    if device.type == "cuda":
-        out["peak_cuda_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return out
-
-
 def main(argv=None) -> dict:
     import looper.loops.dpo as dpo
-    from looper.models import pick_device
 
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = pick_device(args.device)
-    rows, corpus, data_note = load_data(args.pairs)
-    base = model_dir(args.model_dir, data_note)
-    if not os.path.isfile(os.path.join(base, "config.json")):
-        build_tiny_model(base, BENCH_TINY, corpus=corpus)
+    source, data_note = data_source()
+    rows = load_questions(source, "train")[: args.pairs]  # the questions the pairs are made of
+    base = ensure_model(args.model_dir, source)
     work = args.work_dir or tempfile.mkdtemp(prefix="looper-bench-dpo-")
     os.makedirs(work, exist_ok=True)
     try:
@@ -228,14 +163,14 @@ def main(argv=None) -> dict:
             f"dpo.grad_accum={args.grad_accum}", f"dpo.max_steps={steps}", f"dpo.reference={args.reference}",
             "dpo.lr=1e-4", "dpo.val_size=0", "dpo.save_every=0", "dpo.log_every=1", "dpo.resume=none",
         ])
-        size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
-        peak_before = matmul_peak(device, size)
+        size = args.matmul_size or default_peak_size(device)
+        peak_before = matmul_peak(device, size).flops_per_s
 
         t0 = time.perf_counter()
         with Probe(dpo, device) as probe, contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON only
             dpo.train_dpo(cfg)
         wall = time.perf_counter() - t0
-        peak_after = matmul_peak(device, size)
+        peak_after = matmul_peak(device, size).flops_per_s
         peak = max(peak_before, peak_after)
 
         with open(os.path.join(cfg.run.output_dir, "metrics", "dpo.jsonl")) as f:

@@ -17,29 +17,23 @@ intermediate 680, BPE vocabulary 4096 trained on GSM8K train), 64 GSM8K test pro
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import resource
 import sys
-import tempfile
 import time
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # common.py beside this file; looper at the repo root
 
-from looper.config import ABEL_PROMPT, GenerationConfig, TinyModelConfig  # noqa: E402
+from common import BENCH_TINY, data_source, ensure_model, peak_memory, set_threads  # noqa: E402
+
+from looper.config import ABEL_PROMPT, GenerationConfig  # noqa: E402
 from looper.data.gsm8k import format_prompt, load_questions  # noqa: E402
 from looper.data.tokenize import encode_prompt  # noqa: E402
 from looper.generation import generate  # noqa: E402
-from looper.models import build_tiny_model, load_base_model, load_tokenizer  # noqa: E402
-
-GSM8K_DIR = os.path.join(REPO, "..", "shared", "data", "gsm8k")
-BENCH_TINY = TinyModelConfig(
-    hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=680, vocab_size=4096
-)
+from looper.models import load_base_model, load_tokenizer, pick_device  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,26 +53,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "drifting machine load hits both alike")
     p.add_argument("--skip-baseline", action="store_true")
     return p.parse_args(argv)
-
-
-def load_data(n: int) -> tuple[list[dict], list[str], str]:
-    """Test questions and the GSM8K train texts for the tokenizer; falls back to synthetic."""
-    test = os.path.join(GSM8K_DIR, "test.jsonl")
-    train = os.path.join(GSM8K_DIR, "train.jsonl")
-    if os.path.isfile(test) and os.path.isfile(train):
-        questions = load_questions(test, "test")[:n]
-        corpus = [f"{q['question']}\n{q['answer']}" for q in load_questions(train, "train")]
-        return questions, corpus, "gsm8k"
-    questions = load_questions(None, "test")[:n]
-    corpus = [f"{q['question']}\n{q['answer']}" for q in load_questions(None, "train")]
-    return questions, corpus, "synthetic (GSM8K files not found at ../shared/data/gsm8k)"
-
-
-def model_dir(arg: str | None, data_note: str) -> str:
-    if arg:
-        return arg
-    tag = hashlib.sha256(json.dumps([BENCH_TINY.__dict__, data_note]).encode()).hexdigest()[:10]
-    return os.path.join(tempfile.gettempdir(), f"looper-bench-tiny-{tag}")
 
 
 def run_baseline(model, tok, prompts: list[list[int]], args, device) -> tuple[int, float]:
@@ -119,24 +93,15 @@ def _rates(tokens: int, questions: int, seconds: float) -> dict:
     }
 
 
-def peak_memory(device: torch.device) -> dict:
-    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    if device.type == "cuda":
-        out["peak_cuda_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return out
-
-
 def main(argv=None) -> dict:
-    from looper.models import pick_device
-
     args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = pick_device(args.device)
-    questions, corpus, data_note = load_data(args.questions)
-    path = model_dir(args.model_dir, data_note)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        build_tiny_model(path, BENCH_TINY, corpus=corpus)
+    train, train_note = data_source("train")  # the model's tokenizer corpus
+    test, test_note = data_source("test")  # the prompts
+    data_note = test_note if train else train_note  # either one synthetic: not comparable
+    questions = load_questions(test, "test")[: args.questions]
+    path = ensure_model(args.model_dir, train)
     tok = load_tokenizer(path)
     model = load_base_model(path, device=device).eval()
     items = [{"question_id": q["question_id"], "prompt": format_prompt(q["question"], ABEL_PROMPT)} for q in questions]

@@ -15,11 +15,11 @@ with Regime W, merge and write ``data/rollouts.jsonl``. It reports
 - peak memory: the process's peak RSS, the peak RSS sampled during the stage, and on GPU
   the peak allocated CUDA memory of the stage.
 
-Reference setup: the tiny benchmark model of ``generation_throughput.py`` (Llama, hidden
-256, 4 layers, 4 heads, intermediate 680, BPE vocabulary 4096 trained on the GSM8K train
-texts; untrained, so its samples are long and EOS is rare), an SFT adapter (LoRA r=16 on
-every linear projection, small random non-zero B), 32 GSM8K train questions, K=8, 256 new
-tokens at temperature 1, fp32 on CPU / bf16 on GPU, one CPU thread by default.
+Reference setup: the tiny benchmark model of ``common.py``, shared by every benchmark
+(Llama, hidden 256, 4 layers, 4 heads, intermediate 680, BPE vocabulary 4096 trained on the
+GSM8K train texts; untrained, so its samples are long and EOS is rare), an SFT adapter
+(LoRA r=16 on every linear projection, small random non-zero B), 32 GSM8K train questions,
+K=8, 256 new tokens at temperature 1, fp32 on CPU / bf16 on GPU, one CPU thread by default.
 
     python benchmarks/rollout_throughput.py                                  # reference setup
     python benchmarks/rollout_throughput.py --questions 4 --k 4 --new-tokens 32   # quick
@@ -32,7 +32,6 @@ import contextlib
 import functools
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -42,18 +41,16 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, REPO)
-sys.path.insert(0, HERE)
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # common.py beside this file; looper at the repo root
 
-import generation_throughput as gen_bench  # noqa: E402  (the shared benchmark model)
+from common import (  # noqa: E402
+    BENCH_TINY, data_source, ensure_model, make_adapter, mib, peak_rss_bytes, set_threads,
+)
 
 import looper.loops.rollout as rollout  # noqa: E402
-from looper.config import LoraConfig, load_config  # noqa: E402
-from looper.data.gsm8k import load_questions  # noqa: E402
-from looper.models import attach_lora, build_tiny_model, load_base_model, load_tokenizer  # noqa: E402
+from looper.config import load_config  # noqa: E402
+from looper.models import pick_device  # noqa: E402
 
-GSM8K_TRAIN = os.path.join(REPO, "..", "shared", "data", "gsm8k", "train.jsonl")
 SCORING_NAMES = ("extract_answer", "is_correct", "score_group", "trajectory_rewards")
 
 
@@ -77,35 +74,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- setup
-
-
-def data_source() -> tuple[str | None, str]:
-    if os.path.isfile(GSM8K_TRAIN):
-        return os.path.abspath(GSM8K_TRAIN), "gsm8k train"
-    return None, "synthetic (GSM8K not found at ../shared/data/gsm8k; numbers are not comparable)"
-
-
-def ensure_model(arg: str | None, source: str | None) -> str:
-    """The benchmark model, shared with generation_throughput.py (same folder, same build)."""
-    path = arg or gen_bench.model_dir(None, "gsm8k" if source is not None else "synthetic")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        rows = load_questions(source, "train")
-        build_tiny_model(path, gen_bench.BENCH_TINY, corpus=[f"{r['question']}\n{r['answer']}" for r in rows])
-    return path
-
-
-def make_adapter(model_dir: str, out: str, r: int) -> None:
-    """An SFT-like adapter: LoRA r on every linear projection, small random non-zero B."""
-    model = load_base_model(model_dir)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = attach_lora(model, LoraConfig(r=r, alpha=2 * r))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0.0, 0.01)
-    model.save_pretrained(out)
-    load_tokenizer(model_dir).save_pretrained(out)
 
 
 def stage_config(args, model_dir: str, adapter: str, out: str, source: str | None, **kw):
@@ -216,16 +184,9 @@ class RssSampler:
         self.peak = max(self.peak, self._rss())
 
 
-def mib(n: float) -> float:
-    return round(n / 2**20, 1)
-
-
 def main(argv=None) -> dict:
-    from looper.models import pick_device
-
     args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = pick_device(args.device)
     source, data_note = data_source()
     model_dir = ensure_model(args.model_dir, source)
@@ -264,7 +225,7 @@ def main(argv=None) -> dict:
     n_finished = sum(bool(t.get("finished")) for r in records for t in r["trajectories"])
     share = timer.total / loop_s
     memory = {
-        "peak_rss_mib_process": mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+        "peak_rss_mib_process": mib(peak_rss_bytes()),
         "peak_rss_mib_stage": mib(rss.peak),
     }
     if device.type == "cuda":
@@ -272,7 +233,7 @@ def main(argv=None) -> dict:
     result = {
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "model": {"path": model_dir, **{k: gen_bench.BENCH_TINY.__dict__[k]
+        "model": {"path": model_dir, **{k: BENCH_TINY.__dict__[k]
                                         for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size")},
                   "lora_r": args.lora_r},
         "data": data_note,

@@ -29,7 +29,7 @@ FLOP convention (stated in the JSON as well):
 from __future__ import annotations
 
 import argparse
-import hashlib
+import contextlib
 import json
 import os
 import shutil
@@ -39,20 +39,16 @@ import time
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # common.py beside this file; looper at the repo root
 
-from looper.config import TinyModelConfig, load_config  # noqa: E402
-from looper.data.gsm8k import load_questions  # noqa: E402
+from common import PEAK_REPS, data_source, default_peak_size, ensure_model, matmul_peak, set_threads  # noqa: E402
+
+from looper.config import load_config  # noqa: E402
 from looper.data.tokenize import MicroBatches  # noqa: E402
 from looper.loops.sft import load_sft_examples, train_sft  # noqa: E402
 from looper.metrics import peak_memory_bytes  # noqa: E402
-from looper.models import build_tiny_model, load_tokenizer, pick_device  # noqa: E402
-
-GSM8K_TRAIN = os.path.join(REPO, "..", "shared", "data", "gsm8k", "train.jsonl")
-BENCH_TINY = TinyModelConfig(
-    hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=680, vocab_size=4096
-)
+from looper.models import load_tokenizer, pick_device  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,41 +71,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- setup
-
-
-def data_source() -> tuple[str | None, str]:
-    if os.path.isfile(GSM8K_TRAIN):
-        return os.path.abspath(GSM8K_TRAIN), "gsm8k train"
-    return None, "synthetic (GSM8K not found at ../shared/data/gsm8k; numbers are not comparable)"
-
-
-def ensure_model(arg: str | None, source: str | None) -> str:
-    tag = hashlib.sha256(json.dumps([BENCH_TINY.__dict__, source is not None]).encode()).hexdigest()[:10]
-    path = arg or os.path.join(tempfile.gettempdir(), f"looper-bench-sft-tiny-{tag}")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        rows = load_questions(source, "train")
-        build_tiny_model(path, BENCH_TINY, corpus=[f"{r['question']}\n{r['answer']}" for r in rows])
-    return path
-
-
-def measure_peak(device: torch.device, n: int, reps: int = 8) -> tuple[float, float]:
-    """Best FLOP/s of an n x n x n matmul (fp32 on CPU, bf16 on GPU), by wall time and by
-    process CPU time (FLOPs per CPU-second, summed over threads; CPU only)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    c = torch.empty(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    torch.mm(a, b, out=c)
-    sync()
-    best = best_cpu = float("inf")
-    for _ in range(reps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        torch.mm(a, b, out=c)
-        sync()
-        best = min(best, time.perf_counter() - t0)
-        best_cpu = min(best_cpu, time.process_time() - c0)
-    return 2 * n**3 / best, 2 * n**3 / max(best_cpu, 1e-9)
 
 
 def matmul_params(model_dir: str, lora_r: int | None) -> dict:
@@ -189,8 +150,7 @@ class _CpuClock:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = pick_device(args.device)
     source, data_note = data_source()
     model_dir = ensure_model(args.model_dir, source)
@@ -207,7 +167,8 @@ def main(argv=None) -> dict:
     cfg = load_config(None, overrides + list(args.overrides))
 
     _CpuClock.install()
-    peak_before, peak_cpu_before = measure_peak(device, args.peak_size or (8192 if device.type == "cuda" else 2048))
+    peak_size = args.peak_size or default_peak_size(device)
+    peak_before, peak_cpu_before = matmul_peak(device, peak_size)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the peak's matmul buffers are not the loop's
     t0 = time.perf_counter()
@@ -215,14 +176,15 @@ def main(argv=None) -> dict:
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=acts) as prof:
+        with profile(activities=acts) as prof, contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON only
             train_sft(cfg)
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=30), file=sys.stderr)
     else:
-        train_sft(cfg)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON only
+            train_sft(cfg)
     wall = time.perf_counter() - t0
-    peak_after, peak_cpu_after = measure_peak(device, args.peak_size or (8192 if device.type == "cuda" else 2048))
+    peak_after, peak_cpu_after = matmul_peak(device, peak_size)
     peak, peak_cpu = max(peak_before, peak_after), max(peak_cpu_before, peak_cpu_after)
 
     # ---- what the loop measured
@@ -281,7 +243,7 @@ def main(argv=None) -> dict:
         "achieved_flops_per_s": achieved,
         "peak_flops_per_s": peak,
         "peak_measurement": (
-            f"best of 8 {'bf16' if device.type == 'cuda' else 'fp32'} {args.peak_size or (8192 if device.type == 'cuda' else 2048)}^3 "
+            f"best of {PEAK_REPS} {'bf16' if device.type == 'cuda' else 'fp32'} {peak_size}^3 "
             f"matmuls; before run {peak_before:.3g}, after run {peak_after:.3g}"
         ),
         "mfu": achieved / peak,
