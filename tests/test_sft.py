@@ -387,7 +387,7 @@ def test_lm_head_skips_only_the_shared_prompt_prefix(tiny_model_dir):
     """The loop's forward runs the LM head from the first scored position on; same loss."""
     from looper.data.tokenize import Encoded, collate
     from looper.losses.sft import masked_cross_entropy
-    from looper.loops.sft import accepts_logits_to_keep, loss_logits
+    from looper.loops.common import accepts_logits_to_keep, loss_logits
     from looper.models import attach_lora, load_base_model
     from looper.config import LoraConfig
 

@@ -31,10 +31,12 @@ from looper.data.tokenize import MicroBatches, PairEncoded, collate_pairs, encod
 from looper.io import DataError, iter_jsonl
 from looper.losses.dpo import chosen_nll, dpo_loss, num_completion_tokens, preference_metrics, sequence_logps
 from looper.loops.common import (
+    accepts_logits_to_keep,
     build_optimizer,
     build_policy,
     check_finite,
     equal_shards,
+    loss_logits,
     lr_lambda,
     seed_everything,
     shard,
@@ -102,9 +104,11 @@ def reference_cache_key(
 
 
 def concat_logps(model, batch: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward over chosen+rejected rows; returns (chosen, rejected) sequence log-probs."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logps = sequence_logps(out.logits, batch["labels"])
+    """One forward over chosen+rejected rows; returns (chosen, rejected) sequence log-probs.
+
+    The LM head skips the prompt prefix that every row shares (same result, less compute).
+    """
+    logps = sequence_logps(*loss_logits(model, batch, trim=accepts_logits_to_keep(model)))
     return logps[:n], logps[n:]
 
 

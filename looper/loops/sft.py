@@ -8,7 +8,6 @@ all ranks), so it does not depend on how the global batch is split.
 
 from __future__ import annotations
 
-import inspect
 import time
 from typing import Optional
 
@@ -17,14 +16,16 @@ import torch
 from looper import checkpoint, dist, paths
 from looper.config import Config, save_config
 from looper.data.gsm8k import format_completion, format_prompt, load_questions
-from looper.data.tokenize import IGNORE_INDEX, Encoded, MicroBatches, collate, encode_sft_rows
+from looper.data.tokenize import Encoded, MicroBatches, collate, encode_sft_rows
 from looper.io import DataError
 from looper.losses.sft import masked_cross_entropy
 from looper.loops.common import (
+    accepts_logits_to_keep,
     build_optimizer,
     build_policy,
     check_finite,
     equal_shards,
+    loss_logits,
     lr_lambda,
     seed_everything,
     shard,
@@ -53,33 +54,6 @@ def load_sft_examples(cfg: Config, tokenizer) -> tuple[list[Encoded], list[Encod
     if not train:
         raise DataError(f"the SFT dataset ({cfg.data.train or 'synthetic'}) has no training rows")
     return train, val, n_trunc + n_trunc_val
-
-
-def accepts_logits_to_keep(model) -> bool:
-    """Whether the (PEFT-wrapped) causal LM takes ``logits_to_keep`` (transformers' own models do)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def loss_logits(model, batch: dict, trim: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward pass; returns ``(logits, labels)`` aligned for ``masked_cross_entropy``.
-
-    With ``trim``, the LM head runs only from the first position that predicts a target in
-    some row: the prompt prefix that every row of the batch shares never reaches the
-    vocabulary projection (about a quarter of the positions on GSM8K). Same loss, less
-    compute and less logits memory.
-    """
-    labels = batch["labels"]
-    first = 0
-    if trim:
-        scored = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
-        first = int(scored[0]) if len(scored) else 0
-    kw = {"logits_to_keep": labels.shape[1] - first} if first else {}
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw)
-    return out.logits, labels[:, first:]
 
 
 @torch.no_grad()
