@@ -16,7 +16,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 import torch.distributed as dist

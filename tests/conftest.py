@@ -12,7 +12,7 @@ Overrides are dotted strings (``"sft.lr=1e-3"``) or keyword arguments with ``__`
 dots (``sft__lr=1e-3``, ``lora=None``); Python values are written as YAML scalars.
 
 Plain helpers (importable with ``from conftest import ...``): ``free_port``,
-``run_torchrun``, ``run_python``, ``shared_gsm8k_dir``, ``subprocess_env``, ``REPO_ROOT``.
+``run_torchrun``, ``run_python``, ``kill_when``, ``shared_gsm8k_dir``, ``subprocess_env``, ``REPO_ROOT``.
 """
 
 from __future__ import annotations
@@ -181,6 +181,30 @@ def run_torchrun(
         return _run(launcher + ["-m", "looper", *cli], timeout, env, cwd)
     with _Script(code, workdir) as path:
         return _run(launcher + [path], timeout, env, cwd)
+
+
+def kill_when(proc: subprocess.Popen, ready, *, timeout: float = 240, what: str = "the kill point", log=None) -> None:
+    """Poll until ``ready()`` holds, then SIGKILL ``proc`` (its whole process group when it
+    leads one) and reap it. Fails the test if the process ends first or ``timeout`` passes;
+    ``log()`` supplies its output for the message."""
+    import time
+
+    output = log or (lambda: "")
+    deadline = time.time() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended before {what}:\n{output()[-4000:]}")
+            if time.time() > deadline:
+                pytest.fail(f"the run never reached {what} within {timeout}s:\n{output()[-4000:]}")
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            if os.getpgid(proc.pid) == proc.pid:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+        proc.wait(timeout=30)
 
 
 def to_override(key: str, value: Any) -> str:

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO_ROOT, read_jsonl, run_torchrun, subprocess_env
+from conftest import REPO_ROOT, kill_when, read_jsonl, run_torchrun, subprocess_env
 from looper import checkpoint
 from looper.config import ConfigError, LoraConfig
 from looper.io import DataError
@@ -373,19 +372,7 @@ def test_killed_run_resumes_to_the_same_adapter_and_metrics(dpo_overrides, dpo_c
     cmd = [sys.executable, str(script), json.dumps(dpo_overrides(killed, **settings)), str(marker),
            str((stall_step - 1) * 2 + 1)]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 240
-        while not marker.exists():
-            if proc.poll() is not None:
-                pytest.fail(f"the run ended before it could be killed:\n{proc.stdout.read()[-4000:]}")
-            if time.time() > deadline:
-                pytest.fail("the run never reached the kill point")
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when(proc, marker.exists, log=lambda: proc.stdout.read())
     assert proc.returncode == -signal.SIGKILL
 
     root = resume_root(cfg_k)

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, subprocess_env
+from conftest import REPO_ROOT, kill_when, subprocess_env
 
 from looper.config import ConfigError, default_config_path, load_config
 from looper.io import read_jsonl
@@ -158,17 +156,7 @@ def test_killed_mid_dpo_resumes_without_redoing_sft_or_rollouts(finished_run: Pa
     proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     marker = out / "checkpoints/dpo/resume/step-4/trainer_state.json"
-    deadline = time.time() + 240
-    try:
-        while not marker.exists():
-            assert proc.poll() is None, "the pipeline ended before it could be killed"
-            assert time.time() < deadline, "no DPO resume state appeared"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    kill_when(proc, marker.exists, what="a DPO resume state")
     assert not (out / "checkpoints/dpo_lora").exists()
 
     run_pipeline(micro(out, *extra))

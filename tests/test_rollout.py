@@ -13,18 +13,15 @@ run is needed.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, build_overrides, read_jsonl, subprocess_env
+from conftest import REPO_ROOT, build_overrides, kill_when, read_jsonl, subprocess_env
 
 from looper.config import ConfigError, default_config_path, load_config
 from looper.io import DataError
@@ -267,19 +264,10 @@ def test_killed_and_resumed_gives_the_uninterrupted_file(reference, policy, tmp_
     script.write_text(KILLED_RUN.format(delay=SLOW_RECORD_S, overrides=overrides(out, policy)))
     proc = subprocess.Popen([sys.executable, str(script)], cwd=str(REPO_ROOT), env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 120
     try:
-        while not (partial.exists() and partial.read_bytes().count(b"\n") >= 1):
-            if proc.poll() is not None:
-                raise AssertionError(f"the run ended before it was killed:\n{proc.stdout.read().decode()[-3000:]}")
-            assert time.time() < deadline, "no record was written to the partial file"
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_when(proc, lambda: partial.exists() and partial.read_bytes().count(b"\n") >= 1,
+                  timeout=120, what="a record in the partial file", log=lambda: proc.stdout.read().decode())
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
         proc.stdout.close()
 
     final = out / "data" / "rollouts.jsonl"

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, read_jsonl, run_python, run_torchrun, subprocess_env
+from conftest import REPO_ROOT, kill_when, read_jsonl, run_python, run_torchrun, subprocess_env
 from looper import checkpoint
 from looper.loops.common import stage_dirs
 from looper.loops.sft import train_sft
@@ -229,19 +229,8 @@ def test_killed_run_resumes_to_the_same_adapter_and_optimizer_state(micro_overri
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 240
-        while not marker.exists():
-            if proc.poll() is not None:
-                pytest.fail(f"the run ended before it could be killed:\n{(tmp_path / 'killed.log').read_text()[-4000:]}")
-            if time.time() > deadline:
-                pytest.fail("the run never reached the kill point")
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        kill_when(proc, marker.exists, log=lambda: (tmp_path / "killed.log").read_text())
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
         log.close()
     assert proc.returncode == -signal.SIGKILL
 

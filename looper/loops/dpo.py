@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Optional
 
 import torch
 

@@ -8,8 +8,6 @@ all ranks), so it does not depend on how the global batch is split.
 
 from __future__ import annotations
 
-import time
-from typing import Optional
 
 import torch
 
