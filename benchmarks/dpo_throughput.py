@@ -15,7 +15,8 @@ FLOP convention (stated in the output too): N = non-embedding parameters, lm_hea
 included, plus the LoRA parameters. The reference pass costs 2N FLOPs per token (forward);
 a LoRA policy step costs 4N per token: forward 2N plus the backward pass through the frozen
 weights for the activation gradients, 2N (weight gradients exist only for LoRA and are
-inside the N term). Attention-score FLOPs are not counted. Tokens are real (non-padding)
+inside the N term). Causal attention-score FLOPs are counted as in sft_throughput.py:
+2·L·h·t(t+1) per row of t real tokens forward, three times that for a training step. Tokens are real (non-padding)
 tokens of the chosen and rejected rows, the prompt counted in both; padding is computed
 but not credited, so padding waste lowers MFU. MFU = achieved FLOP/s / the peak measured
 in the same run by timing large square matmuls (fp32 on CPU, bf16 on GPU), best of several.
@@ -105,6 +106,7 @@ class Probe:
         self.ref_seconds = 0.0
         self.phase = "train"
         self.tokens = {"reference": [0, 0], "train": [0, 0]}  # [real, padded]
+        self.attn = {"reference": 0, "train": 0}  # sum over rows of t * (t + 1), t = real tokens
         self._ref, self._collate = dpo_module.reference_pass, dpo_module.collate_pairs
 
     def __enter__(self):
@@ -128,6 +130,8 @@ class Probe:
             counts = probe.tokens[probe.phase]
             counts[0] += int(batch["attention_mask"].sum())
             counts[1] += batch["attention_mask"].numel()
+            t = batch["attention_mask"].sum(1)
+            probe.attn[probe.phase] += int((t * (t + 1)).sum())
             return batch
 
         self.mod.reference_pass, self.mod.collate_pairs = reference_pass, collate_pairs
@@ -184,9 +188,14 @@ def main(argv=None) -> dict:
         if args.reference == "online":  # the reference forward is inside every step
             ref_tokens, ref_seconds = 0, 0.0
         # when the cache already existed the pass did not run: count only what ran
-        ref_flops = 2 * n["N"] * ref_tokens
+        lh = BENCH_TINY.num_layers * BENCH_TINY.hidden_size
+        ref_attn = probe.attn["reference"] if ref_tokens else 0
+        ref_flops = 2 * n["N"] * ref_tokens + 2 * lh * ref_attn
         train_fwd = 6 if args.reference == "online" else 4  # online adds a 2N reference forward
-        train_flops = train_fwd * n["N"] * train_tokens
+        attn_mult = 8 if args.reference == "online" else 6
+        # attention over the timed steps only: scale the probe's total by the timed share of tokens
+        timed_share = train_tokens / max(1, probe.tokens["train"][0])
+        train_flops = train_fwd * n["N"] * train_tokens + attn_mult * lh * probe.attn["train"] * timed_share
         total_seconds = ref_seconds + train_seconds
         achieved = (ref_flops + train_flops) / total_seconds
         real_t, pad_t = probe.tokens["train"]
@@ -221,7 +230,7 @@ def main(argv=None) -> dict:
                 "N = non-embedding params incl. lm_head + LoRA params; reference pass 2N/token (forward); "
                 "LoRA policy step 4N/token (forward 2N + backward 2N through frozen weights)"
                 + ("; online reference adds 2N/token per step" if args.reference == "online" else "")
-                + "; attention-score FLOPs not counted; tokens = non-padding chosen+rejected tokens"
+                + "; causal attention 2*L*h*t*(t+1) per row forward, x3 for a training step; tokens = non-padding chosen+rejected tokens"
             ),
         }
     finally:

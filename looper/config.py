@@ -285,6 +285,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             if type(None) in args:
                 return None
             raise ConfigError(f"{key}: null is not allowed, expected {_type_name(tp)}")
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:
+            # Optional[X]: X's own error is the precise one (for an optional section such as
+            # `lora` or `base_train`, it names the unknown nested key and the valid keys)
+            return _convert(value, members[0], key)
         # a dataclass section given as a dict, or a plain value: try each member in order
         errors = []
         for arg in args:
@@ -341,6 +346,28 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _with_field_default(f: dataclasses.Field, value: Any) -> Any:
+    """Complete a partial mapping for a section from the field's own default.
+
+    A field's default can differ from its section class's defaults (``rollout.generation``
+    samples at temperature 1, ``GenerationConfig`` is greedy), so setting one key of such a
+    section must not reset the others to the class defaults.
+    """
+    if not isinstance(value, dict) or f.default_factory is dataclasses.MISSING:
+        return value
+    default = f.default_factory()
+    if not dataclasses.is_dataclass(default):
+        return value
+    return _deep_merge(to_dict(default), value)
+
+
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict, strictly."""
     if data is None:
@@ -348,13 +375,14 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for k, v in data.items():
         full = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
             raise ConfigError(f"unknown config key '{full}'. Valid keys here: {', '.join(names)}")
-        kwargs[k] = _convert(v, hints[k], full)
+        kwargs[k] = _convert(_with_field_default(fields[k], v), hints[k], full)
     try:
         return cls(**kwargs)
     except ConfigError as e:

@@ -233,11 +233,15 @@ def build_tiny_model(
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, _TINY_MARKER), "w") as f:
-        json.dump({"built_by": "looper.models.build_tiny_model", **tiny.__dict__}, f, indent=2)
-    replace_dir(tmp, out_dir)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, _TINY_MARKER), "w") as f:
+            json.dump({"built_by": "looper.models.build_tiny_model", **tiny.__dict__}, f, indent=2)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing half-written
+        raise
     return out_dir
 
 

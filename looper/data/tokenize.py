@@ -118,8 +118,11 @@ class MicroBatches:
     Optimizer step ``s`` uses global micro-batches ``s*A*W .. s*A*W + A*W - 1`` (A = grad
     accumulation, W = world size); rank ``r`` takes those with index ``= r (mod W)``. So a
     run with W ranks and A steps of accumulation sees the same examples per optimizer step
-    as one rank with A*W steps. Each epoch reshuffles; an epoch's tail that cannot fill an
-    optimizer step is dropped.
+    as one rank with A*W steps. Each epoch reshuffles; the batches that cannot fill a whole
+    optimizer step at the end of an epoch's order are dropped. A length window whose size
+    is not a multiple of ``batch_size`` yields one shorter micro-batch, which may land
+    anywhere in the epoch; the loss is normalized by the global token (or pair) count, so
+    it weighs every example the same either way.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, per_step: int, seed: int):
