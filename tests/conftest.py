@@ -12,7 +12,7 @@ Overrides are dotted strings (``"sft.lr=1e-3"``) or keyword arguments with ``__`
 dots (``sft__lr=1e-3``, ``lora=None``); Python values are written as YAML scalars.
 
 Plain helpers (importable with ``from conftest import ...``): ``free_port``,
-``run_torchrun``, ``run_python``, ``kill_when``, ``shared_gsm8k_dir``, ``subprocess_env``, ``REPO_ROOT``.
+``run_torchrun``, ``run_python``, ``kill_when``, ``kill_training_run``, ``shared_gsm8k_dir``, ``subprocess_env``, ``REPO_ROOT``.
 """
 
 from __future__ import annotations
@@ -205,6 +205,47 @@ def kill_when(proc: subprocess.Popen, ready, *, timeout: float = 240, what: str 
             else:
                 proc.kill()
         proc.wait(timeout=30)
+
+
+_STALLING = """
+import importlib, json, sys, time
+import torch
+from looper.config import load_config
+
+module, loss_name, entry = sys.argv[1], sys.argv[2], sys.argv[3]
+overrides, marker, stall_call = json.loads(sys.argv[4]), sys.argv[5], int(sys.argv[6])
+mod = importlib.import_module(module)
+real = getattr(mod, loss_name)
+calls = [0]
+
+def stalling(*args, **kwargs):
+    calls[0] += torch.is_grad_enabled()  # training micro-steps only, not no-grad passes
+    if torch.is_grad_enabled() and calls[0] == stall_call:
+        open(marker, "w").close()
+        time.sleep(600)
+    return real(*args, **kwargs)
+
+setattr(mod, loss_name, stalling)
+getattr(mod, entry)(load_config(None, overrides))
+raise SystemExit("the run was not killed")
+"""
+
+
+def kill_training_run(workdir: Path, module: str, loss_name: str, entry: str, overrides: list[str], stall_call: int):
+    """Run ``module.entry(cfg)`` in a subprocess, stall it inside its ``stall_call``-th
+    training call of ``module.loss_name`` (a kill mid-step, after the resume states written
+    so far), SIGKILL it there, and return the finished ``Popen``. Same thread count as this
+    process, so the killed and the reference runs compute bit for bit alike."""
+    import torch
+
+    script, marker, log_path = workdir / "stalling.py", workdir / "stalled", workdir / "killed.log"
+    script.write_text(_STALLING)
+    cmd = [sys.executable, str(script), module, loss_name, entry, json.dumps(overrides), str(marker), str(stall_call)]
+    env = subprocess_env({"OMP_NUM_THREADS": torch.get_num_threads()})
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=env, stdout=log, stderr=subprocess.STDOUT)
+        kill_when(proc, marker.exists, log=log_path.read_text)
+    return proc
 
 
 def to_override(key: str, value: Any) -> str:

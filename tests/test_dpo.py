@@ -12,8 +12,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO_ROOT, kill_when, read_jsonl, run_torchrun, subprocess_env
+from conftest import kill_training_run, read_jsonl, run_torchrun
 from looper import checkpoint
 from looper.config import ConfigError, LoraConfig
 from looper.io import DataError
@@ -333,29 +331,6 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(dpo_overrides, dpo_
 
 # Stall inside the training micro-step STALL_CALL (counting grad-enabled dpo_loss calls only,
 # not eval passes), signal the parent, and wait to be killed.
-_KILLABLE = """
-import json, sys, time
-import torch
-import looper.loops.dpo as dpo
-from looper.config import load_config
-
-overrides, marker, stall_call = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-real = dpo.dpo_loss
-calls = [0]
-
-def stalling(*args, **kwargs):
-    calls[0] += torch.is_grad_enabled()
-    if torch.is_grad_enabled() and calls[0] == stall_call:
-        open(marker, "w").close()
-        time.sleep(600)
-    return real(*args, **kwargs)
-
-dpo.dpo_loss = stalling
-dpo.train_dpo(load_config(None, overrides))
-raise SystemExit("the run was not killed")
-"""
-
-
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_adapter_and_metrics(dpo_overrides, dpo_cfg, assets, tmp_path):
     # 20 train pairs / (2 x 2) = 5 steps per epoch: the resumed part crosses an epoch;
@@ -365,14 +340,8 @@ def test_killed_run_resumes_to_the_same_adapter_and_metrics(dpo_overrides, dpo_c
     killed, full = tmp_path / "killed", tmp_path / "full"
     cfg_k = dpo_cfg(killed, **settings)
     stall_step = 7
-    marker = tmp_path / "stalled"
-    script = tmp_path / "killable.py"
-    script.write_text(_KILLABLE)
-    env = subprocess_env({"OMP_NUM_THREADS": torch.get_num_threads()})
-    cmd = [sys.executable, str(script), json.dumps(dpo_overrides(killed, **settings)), str(marker),
-           str((stall_step - 1) * 2 + 1)]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    kill_when(proc, marker.exists, log=lambda: proc.stdout.read())
+    proc = kill_training_run(tmp_path, "looper.loops.dpo", "dpo_loss", "train_dpo", dpo_overrides(killed, **settings),
+                             stall_call=(stall_step - 1) * 2 + 1)
     assert proc.returncode == -signal.SIGKILL
 
     root = resume_root(cfg_k)

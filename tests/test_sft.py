@@ -10,8 +10,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, kill_when, read_jsonl, run_python, run_torchrun, subprocess_env
+from conftest import kill_training_run, read_jsonl, run_python, run_torchrun
 from looper import checkpoint
 from looper.loops.common import stage_dirs
 from looper.loops.sft import train_sft
@@ -185,29 +183,6 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(micro_overrides, mi
 # A training run that stalls at its ``stall_call``-th training micro-step (mid-step: after
 # the last resume state and metrics line before it were written), touches ``marker`` so
 # the parent knows, and waits there to be SIGKILLed.
-_KILLABLE = """
-import json, os, sys, time
-import torch
-import looper.loops.sft as sft
-from looper.config import load_config
-
-overrides, marker, stall_call = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-real = sft.masked_cross_entropy
-calls = [0]
-
-def stalling(logits, labels, ignore_index=-100):
-    calls[0] += torch.is_grad_enabled()  # training micro-steps only, not eval passes
-    if torch.is_grad_enabled() and calls[0] == stall_call:
-        open(marker, "w").close()
-        time.sleep(600)
-    return real(logits, labels, ignore_index)
-
-sft.masked_cross_entropy = stalling
-sft.train_sft(load_config(None, overrides))
-raise SystemExit("the run was not killed")
-"""
-
-
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_adapter_and_optimizer_state(micro_overrides, micro_cfg, tmp_path):
     # 88 rows / (4 x 2) = 11 steps per epoch, so the resumed run also crosses an epoch;
@@ -219,19 +194,9 @@ def test_killed_run_resumes_to_the_same_adapter_and_optimizer_state(micro_overri
     killed_dir, full_dir = tmp_path / "killed", tmp_path / "full"
     cfg_k = micro_cfg(killed_dir, **settings)
     stall_step = 10
-    marker = tmp_path / "stalled"
-    script = tmp_path / "killable.py"
-    script.write_text(_KILLABLE)
-    # same thread count as this process, so the two halves compute bit-for-bit alike
-    env = subprocess_env({"OMP_NUM_THREADS": torch.get_num_threads()})
-    cmd = [sys.executable, str(script), json.dumps(micro_overrides(killed_dir, **settings)), str(marker),
-           str((stall_step - 1) * 2 + 1)]
-    log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        kill_when(proc, marker.exists, log=lambda: (tmp_path / "killed.log").read_text())
-    finally:
-        log.close()
+    overrides = micro_overrides(killed_dir, **settings)
+    proc = kill_training_run(tmp_path, "looper.loops.sft", "masked_cross_entropy", "train_sft", overrides,
+                             stall_call=(stall_step - 1) * 2 + 1)
     assert proc.returncode == -signal.SIGKILL
 
     root = resume_root(cfg_k)

@@ -13,7 +13,6 @@ from looper.data.gsm8k import format_completion, format_prompt
 from looper.data.synthetic import generate_problems
 from looper.data.tokenize import (
     IGNORE_INDEX,
-    Encoded,
     MicroBatches,
     collate,
     collate_pairs,
