@@ -248,6 +248,22 @@ def kill_training_run(workdir: Path, module: str, loss_name: str, entry: str, ov
     return proc
 
 
+def assert_metrics_close(a: list[dict], b: list[dict], rel: float, abs_: float = 1e-9,
+                         volatile: Sequence[str] = ("tokens_per_s",)) -> None:
+    """Two ``metrics/<stage>.jsonl`` logs agree step by step: same steps, same fields, floats
+    within ``rel``/``abs_``, everything else equal. Timing fields (``volatile``) are skipped."""
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert set(ra) == set(rb), f"step {ra['step']}: different fields {set(ra) ^ set(rb)}"
+        for k in ra:
+            if k in volatile:
+                continue
+            if isinstance(ra[k], float):
+                assert ra[k] == pytest.approx(rb[k], rel=rel, abs=abs_), f"step {ra['step']}: {k}"
+            else:
+                assert ra[k] == rb[k], f"step {ra['step']}: {k}"
+
+
 def to_override(key: str, value: Any) -> str:
     """``key=value`` with ``value`` written as a YAML scalar (None -> null, True -> true)."""
     if value is None:

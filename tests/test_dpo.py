@@ -19,15 +19,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import kill_training_run, read_jsonl, run_torchrun
+from conftest import assert_metrics_close, kill_training_run, read_jsonl, run_torchrun
 from looper import checkpoint
 from looper.config import ConfigError, LoraConfig
 from looper.io import DataError
 from looper.loops.common import stage_dirs
 from looper.loops.dpo import train_dpo
 
-# metrics that depend on wall time, not on the computation
-VOLATILE = {"tokens_per_s"}
 PROMPT = "Q: {q}\nA: "
 N_PAIRS = 24
 MAX_LEN = 160  # the pairs below are 83-130 tokens with the tiny tokenizer: nothing is cut
@@ -159,19 +157,6 @@ def assert_tensors_close(a: dict, b: dict, rel: float, what: str) -> float:
         worst = max(worst, diff)
         assert diff <= rel, f"{what}: {k} differs by {diff:.3g} (relative to max |x|), tolerance {rel}"
     return worst
-
-
-def assert_metrics_close(a: list[dict], b: list[dict], rel: float, abs_: float) -> None:
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        assert set(ra) == set(rb), f"step {ra['step']}: different fields {set(ra) ^ set(rb)}"
-        for k in ra:
-            if k in VOLATILE:
-                continue
-            if isinstance(ra[k], float):
-                assert ra[k] == pytest.approx(rb[k], rel=rel, abs=abs_), f"step {ra['step']}: {k}"
-            else:
-                assert ra[k] == rb[k], f"step {ra['step']}: {k}"
 
 
 def assert_nothing_written(cfg) -> None:

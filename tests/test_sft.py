@@ -17,13 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import kill_training_run, read_jsonl, run_python, run_torchrun
+from conftest import assert_metrics_close, kill_training_run, read_jsonl, run_python, run_torchrun
 from looper import checkpoint
 from looper.loops.common import stage_dirs
 from looper.loops.sft import train_sft
-
-# metrics that depend on wall time, not on the computation
-VOLATILE = {"tokens_per_s"}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -67,19 +64,6 @@ def assert_tensors_close(a: dict, b: dict, rel: float, what: str, elem_rel: floa
     rel_norm = (diff2 ** 0.5) / max(norm2 ** 0.5, 1e-30)
     assert rel_norm <= rel, f"{what}: relative difference {rel_norm:.3g} > {rel}"
     return rel_norm
-
-
-def assert_metrics_close(a: list[dict], b: list[dict], rel: float) -> None:
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        assert set(ra) == set(rb), f"step {ra['step']}: different fields {set(ra) ^ set(rb)}"
-        for k in ra:
-            if k in VOLATILE:
-                continue
-            if isinstance(ra[k], float):
-                assert ra[k] == pytest.approx(rb[k], rel=rel, abs=1e-9), f"step {ra['step']}: {k}"
-            else:
-                assert ra[k] == rb[k], f"step {ra['step']}: {k}"
 
 
 def flat_items(obj, prefix=""):
