@@ -10,7 +10,6 @@ and must stay free of torch.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import types
 import typing
@@ -497,11 +496,3 @@ def save_config(cfg: Config, path: str) -> None:
     with open(tmp, "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     os.replace(tmp, path)
-
-
-def config_hash(obj: Any) -> str:
-    import hashlib
-
-    if dataclasses.is_dataclass(obj):
-        obj = to_dict(obj)
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

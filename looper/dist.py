@@ -119,13 +119,6 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(x) / get_world_size()
 
 
-def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
-    y = x.detach().clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(y, op=dist.ReduceOp.MAX)
-    return y
-
-
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip by the global norm over all ranks' shards; returns the pre-clip norm (a local tensor)."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))

@@ -156,10 +156,6 @@ def decoder_layers(model) -> list:
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
-def count_params(model, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
 # --------------------------------------------------------------------------- tiny model
 
 

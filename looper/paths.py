@@ -9,10 +9,6 @@ def checkpoint_dir(cfg, name: str) -> str:
     return os.path.join(cfg.run.output_dir, "checkpoints", name)
 
 
-def resume_dir(cfg, stage: str) -> str:
-    return os.path.join(cfg.run.output_dir, "checkpoints", stage, "resume")
-
-
 def rollouts_path(cfg) -> str:
     return os.path.join(cfg.run.output_dir, "data", "rollouts.jsonl")
 

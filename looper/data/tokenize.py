@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
@@ -149,13 +149,6 @@ class MicroBatches:
 
     def for_rank(self, step: int, rank: int, world: int) -> list[list[int]]:
         return self.step(step)[rank::world]
-
-
-def iter_eval_batches(n: int, batch_size: int, rank: int, world: int) -> Iterator[list[int]]:
-    """Disjoint, deterministic shards of ``range(n)`` for evaluation passes."""
-    mine = list(range(rank, n, world))
-    for s in range(0, len(mine), batch_size):
-        yield mine[s : s + batch_size]
 
 
 # --------------------------------------------------------------------------- preference pairs
