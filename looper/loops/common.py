@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
@@ -159,10 +160,18 @@ def stage_dirs(cfg: Config, name: str, stage: Optional[str] = None) -> dict[str,
 
 
 def accepts_logits_to_keep(model) -> bool:
-    """Whether the (PEFT-wrapped) causal LM takes ``logits_to_keep`` (transformers' own models do)."""
+    """Whether the (PEFT-wrapped) causal LM takes ``logits_to_keep`` (transformers' own models do).
+
+    Answered once per model class, so calling it at every forward costs nothing.
+    """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _forward_takes_logits_to_keep(type(base))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(cls: type) -> bool:
     try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
+        return "logits_to_keep" in inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
         return False
 

@@ -321,8 +321,7 @@ def train_dpo(cfg: Config) -> str:
         tokens_seen += step_tokens
         rec.update(step=step, lr=lr, grad_norm=grad_norm, tokens=tokens_seen, tokens_per_s=clock.step(step_tokens))
         if val and ((t.eval_every and step % t.eval_every == 0) or step == n_steps):
-            eval_ref = val_ref
-            rec.update(eval_pairs(model, val, eval_ref, t.batch_size, pad_id, env, t.beta, t.label_smoothing))
+            rec.update(eval_pairs(model, val, val_ref, t.batch_size, pad_id, env, t.beta, t.label_smoothing))
             clock.reset()
         if step % t.log_every == 0 or step == n_steps:
             metrics.log(rec)
