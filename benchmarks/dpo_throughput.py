@@ -172,7 +172,7 @@ def main(argv=None) -> dict:
 
         t0 = time.perf_counter()
         with Probe(dpo, device) as probe, contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON only
-            dpo.train_dpo(cfg)
+            dpo.train_dpo(cfg).output_dir
         wall = time.perf_counter() - t0
         peak_after = matmul_peak(device, size).flops_per_s
         peak = max(peak_before, peak_after)

@@ -23,6 +23,7 @@ import numpy as np
 from looper import build_preferences, compare, evaluate, load_config, score_group, train_dpo, trajectory_rewards
 from looper.config import default_config_path
 from looper.io import read_jsonl, write_jsonl_atomic
+from looper.layout import RunLayout
 
 
 def rescore(records: list[dict], rw_cfg) -> list[dict]:
@@ -48,30 +49,27 @@ def main(argv=None) -> dict:
     p.add_argument("--name", default="dpo_cf", help="name of the variant's adapter and eval files")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    root = cfg.run.output_dir
-    if cfg.model.name_or_path == "tiny" and cfg.base_train is not None:  # the pipeline's base stage output
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=os.path.join(root, "checkpoints", "base")))
+    layout = RunLayout.of(cfg)  # where the run's files are; the stages below ask it too
 
     # 1. a different Regime W: consistency-heavy weights, per-trajectory coherence
     rw = dataclasses.replace(cfg.regime_w, w_end=0.2, w_path=0.2, w_cf=0.6, scope="trajectory")
-    records = rescore(read_jsonl(os.path.join(root, "data", "rollouts.jsonl")), rw)
+    records = rescore(read_jsonl(layout.rollouts()), rw)
 
-    # 2. pairs from the new rewards
+    # 2. pairs from the new rewards, in a file of their own beside the run's
     pairs = build_preferences(records, cfg.prefs, prompt_template=cfg.data.prompt_template)
-    pairs_path = os.path.join(root, "data", f"preferences_{args.name}.jsonl")
+    pairs_path = layout.preferences_variant(args.name)
     write_jsonl_atomic(pairs_path, pairs)
     kinds = {k: sum(p["kind"] == k for p in pairs) for k in ("correctness", "coherence")}
     print(f"[research] {len(pairs)} pairs {kinds} -> {pairs_path}")
 
     # 3. DPO on them, from the same SFT adapter, into its own folder
     dpo = dataclasses.replace(cfg.dpo, pairs=pairs_path, output_name=f"{args.name}_lora")
-    adapter = train_dpo(dataclasses.replace(cfg, dpo=dpo))
+    adapter = train_dpo(dataclasses.replace(cfg, dpo=dpo)).output_dir
 
     # 4. evaluate and compare with SFT (and standard DPO when it exists)
     evaluate(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, adapter=adapter, name=args.name)))
-    outputs = os.path.join(root, "outputs")
-    files = [os.path.join(outputs, f"{n}_eval.jsonl") for n in ("sft", "dpo", args.name)]
-    return compare([f for f in files if os.path.exists(f)], markdown_path=os.path.join(outputs, f"compare_{args.name}.md"))
+    files = [layout.eval_records(n) for n in ("sft", "dpo", args.name)]
+    return compare([f for f in files if os.path.exists(f)], markdown_path=layout.compare_variant(args.name))
 
 
 if __name__ == "__main__":

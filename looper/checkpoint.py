@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from looper import dist
-from looper.models import replace_dir
+from looper.io import replace_dir
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -161,6 +161,12 @@ def find_resume_state(resume: str, resume_root: str) -> Optional[str]:
     return resume
 
 
+def read_trainer_state(path: str) -> dict:
+    """The ``trainer_state.json`` of resume state ``path``."""
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)
+
+
 def load_resume_state(path: str, model, optimizer, trainable_only: bool) -> dict:
     """Restore model, optimizer and this rank's RNG; return the trainer state dict."""
     import torch.distributed.checkpoint as dcp
@@ -168,8 +174,7 @@ def load_resume_state(path: str, model, optimizer, trainable_only: bool) -> dict
     state = dist.sharded_train_state(model, optimizer, trainable_only)
     dcp.load(state, checkpoint_id=os.path.join(path, "model_optim"))
     dist.load_sharded_train_state(model, optimizer, state, trainable_only)
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        trainer_state = json.load(f)
+    trainer_state = read_trainer_state(path)
     rng_file = os.path.join(path, f"rng_rank{dist.get_rank()}.pt")
     if trainer_state.get("world_size") == dist.get_world_size() and os.path.exists(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=True))

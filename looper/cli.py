@@ -84,10 +84,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             stages = args.stages.split(",") if args.stages else None
             run_pipeline(cfg, stages=stages, force=args.force)
             return 0
-        from looper.loops.pipeline import stage_config
-
         module, fn = STAGES[args.command]
-        getattr(importlib.import_module(module), fn)(stage_config(cfg, announce=True))
+        getattr(importlib.import_module(module), fn)(cfg)
         return 0
     except (ConfigError, DataError) as e:
         print(f"looper {args.command}: error: {e}", file=sys.stderr)

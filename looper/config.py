@@ -83,7 +83,6 @@ class DataConfig:
     strip_calculator: bool = False
     max_length: int = 512
     truncation: Literal["truncate", "error"] = "truncate"
-    val_size: int = 64  # held-out rows taken from the train split for evaluation loss
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -107,12 +106,16 @@ class TrainConfig:
     save_every: int = 0  # resume-state interval in optimizer steps; 0 = only at the end
     keep_last: int = 2
     log_every: int = 1
+    # held-out examples of the stage's training data (rows for SFT, pairs for DPO), for
+    # evaluation metrics; the split is drawn with run.seed
+    val_size: int = 0
     resume: str = "auto"  # auto | none | path to a resume state
-    seed: int = 0
+    seed: int = 0  # data order and dropout
 
 
 @dataclass
 class SFTConfig(TrainConfig):
+    val_size: int = 64
     output_name: str = "sft_lora"  # checkpoints/<output_name>
     init_adapter: Optional[str] = None  # continue from an existing adapter
 
@@ -140,6 +143,7 @@ class RolloutConfig:
 
 @dataclass
 class RegimeWConfig:
+    _key: typing.ClassVar[str] = "regime_w"
     w_end: float = 0.5
     w_path: float = 0.3
     w_cf: float = 0.2
@@ -163,50 +167,20 @@ class RegimeWConfig:
     max_depth: int = 32  # parenthesis / unary-sign nesting
 
     def __post_init__(self) -> None:
-        weights = {"w_end": self.w_end, "w_path": self.w_path, "w_cf": self.w_cf}
-        for name, w in weights.items():
-            if not 0.0 <= w <= 1.0:
-                raise ConfigError(f"regime_w.{name} must be in [0, 1], got {w}")
-        total = self.w_end + self.w_path + self.w_cf
-        if abs(total - 1.0) > 1e-6:
-            raise ConfigError(
-                f"regime_w weights must sum to 1: w_end + w_path + w_cf = "
-                f"{self.w_end} + {self.w_path} + {self.w_cf} = {total}"
-            )
-        if not 0.0 <= self.step_weight <= 1.0:
-            raise ConfigError(f"regime_w.step_weight must be in [0, 1], got {self.step_weight}")
-        for name in ("lam", "rel_tol"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"regime_w.{name} must be >= 0, got {getattr(self, name)}")
-        if self.free_tokens < 0:
-            raise ConfigError(f"regime_w.free_tokens must be >= 0, got {self.free_tokens}")
-        for name in ("max_claims", "max_candidates", "max_expr_chars", "max_number_digits", "max_depth"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"regime_w.{name} must be >= 1, got {getattr(self, name)}")
-        if not all(isinstance(m, str) and m for m in self.answer_markers):
-            raise ConfigError(f"regime_w.answer_markers must be non-empty strings, got {self.answer_markers}")
+        check_section(self)
 
 
 @dataclass
 class PrefsConfig:
+    _key: typing.ClassVar[str] = "prefs"
     max_correctness_pairs: int = 8
     max_coherence_pairs: int = 4
     threshold: float = 0.01  # coherence pairs need reward(chosen) - reward(rejected) >= threshold
     coherence: bool = True
-    seed: int = 0  # pair building is deterministic and uses no randomness; kept for the record
     hist_bins: int = 10  # bins of the margin / reward histograms in the printed summary
 
     def __post_init__(self) -> None:
-        for name in ("max_correctness_pairs", "max_coherence_pairs"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"prefs.{name} must be >= 0, got {getattr(self, name)}")
-        if not self.threshold > 0:
-            raise ConfigError(
-                f"prefs.threshold must be > 0 (a zero threshold would pair equal rewards both ways), "
-                f"got {self.threshold}"
-            )
-        if self.hist_bins < 1:
-            raise ConfigError(f"prefs.hist_bins must be >= 1, got {self.hist_bins}")
+        check_section(self)
 
 
 @dataclass
@@ -218,7 +192,6 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = 0.0
     nll_weight: float = 0.0
     reference: Literal["precomputed", "online"] = "precomputed"
-    val_size: int = 0  # held-out pairs for evaluation metrics
     adapter: Optional[str] = "auto"  # auto = checkpoints/sft_lora
     pairs: Optional[str] = None  # None = data/preferences.jsonl
     output_name: str = "dpo_lora"
@@ -236,8 +209,8 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     output_dir: str = "runs/tiny"
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0  # LoRA init and the held-out splits
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: bool = True
 
 
@@ -247,13 +220,160 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: Optional[LoraConfig] = field(default_factory=LoraConfig)  # null = full fine-tuning
     data: DataConfig = field(default_factory=DataConfig)
-    base_train: Optional[SFTConfig] = None  # tiny pipeline: full fine-tune that gives the base ability
+    # tiny pipeline only: full fine-tuning that gives the offline model a base ability,
+    # written to checkpoints/base (RunLayout.base_checkpoint)
+    base_train: Optional[TrainConfig] = None
     sft: SFTConfig = field(default_factory=SFTConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     regime_w: RegimeWConfig = field(default_factory=RegimeWConfig)
     prefs: PrefsConfig = field(default_factory=PrefsConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------- bounds
+#
+# Every bound on a single value lives in BOUNDS, every rule that ties two values of one
+# section in RULES. ``validate`` applies both to the whole tree when a config loads, before
+# any model is built; sections that research code builds by hand (regime_w, prefs) also
+# check themselves when they are constructed.
+
+
+class Check(typing.NamedTuple):
+    ok: typing.Callable[[Any], bool]
+    want: str
+
+
+def at_least(x) -> Check:
+    return Check(lambda v: v >= x, f">= {x}")
+
+
+def above(x) -> Check:
+    return Check(lambda v: v > x, f"> {x}")
+
+
+def between(lo, hi, hi_open: bool = False) -> Check:
+    if hi_open:
+        return Check(lambda v: lo <= v < hi, f"in [{lo:g}, {hi:g})")
+    return Check(lambda v: lo <= v <= hi, f"in [{lo:g}, {hi:g}]")
+
+
+COUNT_OR_ALL = Check(lambda v: v == -1 or v >= 1, "-1 (all) or >= 1")
+STEPS_OR_EPOCHS = Check(lambda v: v == -1 or v >= 1, "-1 (from epochs) or >= 1")
+PLAIN_NAME = Check(
+    lambda v: v is None or (bool(v) and os.sep not in v and "/" not in v and v not in (".", "..")),
+    "a plain folder or file name (no '/')",
+)
+NON_EMPTY = Check(lambda v: bool(str(v).strip()), "a non-empty string")
+ADAM_BETAS = Check(lambda v: len(v) == 2 and all(0.0 <= b < 1.0 for b in v), "two values in [0, 1)")
+MARKERS = Check(lambda v: len(v) > 0 and all(isinstance(m, str) and m for m in v), "a list of non-empty strings")
+TARGETS = Check(
+    lambda v: (isinstance(v, str) and bool(v.strip())) or (isinstance(v, list) and len(v) > 0 and all(v)),
+    "'all-linear', a module-name pattern, or a non-empty list of module names",
+)
+
+BOUNDS: dict[type, dict[str, Check]] = {
+    RunConfig: {"output_dir": NON_EMPTY},
+    TinyModelConfig: {
+        "hidden_size": at_least(1), "num_layers": at_least(1), "num_heads": at_least(1),
+        "num_kv_heads": at_least(1), "intermediate_size": at_least(1), "vocab_size": at_least(1),
+        "max_position_embeddings": at_least(8), "corpus_size": at_least(1),
+    },
+    LoraConfig: {"r": at_least(1), "alpha": above(0), "dropout": between(0.0, 1.0, hi_open=True), "target_modules": TARGETS},
+    SyntheticConfig: {"n_train": at_least(1), "n_test": at_least(1), "min_steps": at_least(1), "max_number": at_least(2)},
+    DataConfig: {"max_length": at_least(8)},
+    TrainConfig: {
+        "batch_size": at_least(1), "grad_accum": at_least(1), "epochs": above(0), "max_steps": STEPS_OR_EPOCHS,
+        "lr": above(0), "weight_decay": at_least(0), "betas": ADAM_BETAS, "warmup_steps": at_least(0),
+        "min_lr_ratio": between(0.0, 1.0), "max_grad_norm": above(0), "eval_every": at_least(0),
+        "save_every": at_least(0), "keep_last": at_least(1), "log_every": at_least(1), "val_size": at_least(0),
+        "resume": NON_EMPTY,
+    },
+    SFTConfig: {"output_name": PLAIN_NAME},
+    DPOConfig: {
+        "beta": above(0), "label_smoothing": between(0.0, 0.5, hi_open=True), "nll_weight": at_least(0),
+        "output_name": PLAIN_NAME,
+    },
+    GenerationConfig: {
+        "max_new_tokens": at_least(1), "temperature": at_least(0), "batch_size": at_least(1),
+        "max_batch_tokens": at_least(1),
+        "top_p": Check(lambda v: 0 < v <= 1, "in (0, 1]"),
+    },
+    RolloutConfig: {"k": at_least(1), "n_questions": COUNT_OR_ALL},
+    RegimeWConfig: {
+        "w_end": between(0.0, 1.0), "w_path": between(0.0, 1.0), "w_cf": between(0.0, 1.0),
+        "step_weight": between(0.0, 1.0), "lam": at_least(0), "free_tokens": at_least(0), "rel_tol": at_least(0),
+        "max_claims": at_least(1), "max_candidates": at_least(1), "max_expr_chars": at_least(1),
+        "max_number_digits": at_least(1), "max_depth": at_least(1), "answer_markers": MARKERS,
+    },
+    PrefsConfig: {
+        "max_correctness_pairs": at_least(0), "max_coherence_pairs": at_least(0), "hist_bins": at_least(1),
+        "threshold": Check(lambda v: v > 0, "> 0 (a zero threshold would pair equal rewards both ways)"),
+    },
+    EvalConfig: {"n_questions": COUNT_OR_ALL, "name": PLAIN_NAME},
+}
+
+
+def _weights_sum_to_one(c: RegimeWConfig) -> Optional[str]:
+    total = c.w_end + c.w_path + c.w_cf
+    if abs(total - 1.0) > 1e-6:
+        return f"weights must sum to 1: w_end + w_path + w_cf = {c.w_end} + {c.w_path} + {c.w_cf} = {total}"
+    return None
+
+
+def _heads_divide(c: TinyModelConfig) -> Optional[str]:
+    if c.hidden_size % c.num_heads or c.num_heads % c.num_kv_heads:
+        return (
+            f"num_heads ({c.num_heads}) must divide hidden_size ({c.hidden_size}) and num_kv_heads "
+            f"({c.num_kv_heads}) must divide num_heads"
+        )
+    return None
+
+
+def _steps_ordered(c: SyntheticConfig) -> Optional[str]:
+    if c.max_steps < c.min_steps:
+        return f"max_steps ({c.max_steps}) must be >= min_steps ({c.min_steps})"
+    return None
+
+
+RULES: dict[type, typing.Callable[[Any], Optional[str]]] = {
+    RegimeWConfig: _weights_sum_to_one,
+    TinyModelConfig: _heads_divide,
+    SyntheticConfig: _steps_ordered,
+}
+
+# keys that existed once: a config that still sets one gets told where it went
+MOVED = {
+    "data.val_size": "moved to sft.val_size (and base_train.val_size for the tiny base stage)",
+    "prefs.seed": "removed: building pairs uses no randomness",
+}
+
+
+def check_section(obj: Any, key: Optional[str] = None) -> None:
+    """Apply BOUNDS and RULES to one section; ``key`` (e.g. ``"sft"``) prefixes the messages."""
+    key = key if key is not None else getattr(obj, "_key", None)
+    where = f"{key}." if key else ""
+    for cls in reversed(type(obj).__mro__):
+        for name, check in BOUNDS.get(cls, {}).items():
+            value = getattr(obj, name)
+            try:
+                ok = check.ok(value)
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"{where}{name} must be {check.want}, got {value!r}")
+        rule = RULES.get(cls)
+        problem = rule(obj) if rule else None
+        if problem:
+            raise ConfigError(f"{key + ': ' if key else ''}{problem}")
+
+
+def _walk(obj: Any, key: str):
+    """Every section of a config tree with its dotted key."""
+    if dataclasses.is_dataclass(obj):
+        yield obj, key
+        for f in dataclasses.fields(obj):
+            yield from _walk(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name)
 
 
 # --------------------------------------------------------------------------- building
@@ -380,12 +500,17 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     for k, v in data.items():
         full = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
+            if full in MOVED:
+                raise ConfigError(f"config key '{full}' was {MOVED[full]}")
             raise ConfigError(f"unknown config key '{full}'. Valid keys here: {', '.join(names)}")
         kwargs[k] = _convert(_with_field_default(fields[k], v), hints[k], full)
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        raise ConfigError(f"{prefix + ': ' if prefix else ''}{e}") from None
+        msg = str(e)
+        if prefix and not msg.startswith(prefix):
+            msg = f"{prefix}: {msg}"
+        raise ConfigError(msg) from None
 
 
 def to_dict(cfg: Any) -> dict:
@@ -430,11 +555,19 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     if path is not None:
         if not os.path.exists(path):
             raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path}: not a file (give a YAML config file to -c)")
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}); expected a YAML config") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config ({e.strerror})") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     data = apply_overrides(data, list(overrides or []))
@@ -448,38 +581,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks with clear messages."""
-    for name in ("sft", "dpo", "base_train"):
-        t = getattr(cfg, name)
-        if t is None:
-            continue
-        for key in ("batch_size", "grad_accum", "keep_last"):
-            if getattr(t, key) < 1:
-                raise ConfigError(f"{name}.{key} must be >= 1, got {getattr(t, key)}")
-        if t.lr <= 0:
-            raise ConfigError(f"{name}.lr must be > 0, got {t.lr}")
-        if t.max_steps == 0 or t.max_steps < -1:
-            raise ConfigError(f"{name}.max_steps must be -1 or >= 1, got {t.max_steps}")
-        if len(t.betas) != 2:
-            raise ConfigError(f"{name}.betas must have two values, got {t.betas}")
-    if cfg.rollout.k < 1:
-        raise ConfigError(f"rollout.k must be >= 1, got {cfg.rollout.k}")
-    for name in ("rollout", "eval"):
-        n = getattr(cfg, name).n_questions
-        if n == 0 or n < -1:
-            raise ConfigError(f"{name}.n_questions must be -1 (all) or >= 1, got {n}")
-    if cfg.data.max_length < 8:
-        raise ConfigError(f"data.max_length must be >= 8, got {cfg.data.max_length}")
-    if cfg.lora is not None and cfg.lora.r < 1:
-        raise ConfigError(f"lora.r must be >= 1, got {cfg.lora.r}")
-    if not 0.0 <= cfg.dpo.label_smoothing < 0.5:
-        raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
-    for name in ("rollout", "eval"):
-        g = getattr(cfg, name).generation
-        if g.temperature < 0 or not 0 < g.top_p <= 1:
-            raise ConfigError(f"{name}.generation: temperature must be >= 0 and top_p in (0, 1]")
-        if g.batch_size < 1 or g.max_new_tokens < 1:
-            raise ConfigError(f"{name}.generation: batch_size and max_new_tokens must be >= 1")
+    """Every bound and rule, over the whole tree (``BOUNDS``, ``RULES``), with the full key."""
+    for section, key in _walk(cfg, ""):
+        if key:
+            check_section(section, key)
 
 
 def default_config_path() -> str:
@@ -491,8 +596,6 @@ def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config as YAML (atomically), so a run can be reproduced."""
     import yaml
 
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    from looper.io import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -21,6 +21,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from looper.config import ConfigError
+
 
 @dataclass
 class DistEnv:
@@ -34,9 +36,20 @@ class DistEnv:
         return self.rank == 0
 
 
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("run.device: cuda was asked for but no GPU is available")
+        return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise ConfigError(f"run.device: expected auto, cpu or cuda, got {name!r}")
+    return torch.device("cpu")
+
+
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
     """Join (or create) the default process group. Safe to call more than once."""
-    from looper.models import pick_device
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = pick_device(device, local_rank)

@@ -1,12 +1,21 @@
-"""JSONL reading and writing with errors that name the file and line.
+"""Files: JSONL reading with errors that name the file and line, and every atomic write.
+
+- ``iter_jsonl`` / ``read_jsonl`` / ``read_jsonl_prefix``: strict readers;
+- ``write_text_atomic`` / ``write_json_atomic`` / ``write_jsonl_atomic``: a temporary file
+  beside the target, then a rename, so a reader never sees half a file;
+- ``replace_dir``: move a finished folder into place (an atomic swap where the OS allows);
+- ``sha256_files``: one digest over several files (missing ones are skipped);
+- ``JsonlAppender``: one flushed line per record, for resumable outputs.
 
 Standard library only (``looper.regime_w`` and ``looper prefs`` use it without torch).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 
@@ -87,23 +96,85 @@ def write_jsonl_atomic(path: str, records: Iterable[dict]) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            n += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return n
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it and a rename."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def sha256_files(paths: Sequence[str], h=None) -> str:
+    """Hex SHA-256 over the bytes of ``paths`` in order (missing files are skipped).
+
+    Pass ``h`` (a ``hashlib`` object) to feed the bytes into a larger digest; the return
+    value is then its hex digest so far.
+    """
+    h = h if h is not None else hashlib.sha256()
+    for p in paths:
+        if os.path.isfile(p):
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def replace_dir(src: str, dst: str) -> None:
+    """Move finished folder ``src`` to ``dst``, replacing an old ``dst``.
+
+    Where the OS allows it the two folders are swapped atomically, so ``dst`` is never
+    missing, even if the process dies mid-way; elsewhere two renames are used.
+    """
+    if not os.path.exists(dst):
+        os.rename(src, dst)
+    elif _exchange(src, dst):
+        shutil.rmtree(src, ignore_errors=True)  # src now holds the old folder
+    else:
+        old = f"{dst}.old.{os.getpid()}"
+        os.rename(dst, old)
+        os.rename(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class JsonlAppender:

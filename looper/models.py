@@ -13,29 +13,19 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from typing import Iterable, Optional
 
 import torch
 
 from looper.config import ConfigError, Config, LoraConfig, ModelConfig, TinyModelConfig
+from looper.io import replace_dir
+from looper.layout import TINY, RunLayout, adapter_missing, resolve_base_model
 
-TINY = "tiny"
 _TINY_MARKER = "looper_tiny.json"
 
 
-# --------------------------------------------------------------------------- devices
-
-
-def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("run.device: cuda was asked for but no GPU is available")
-        return torch.device("cuda", local_rank)
-    if name != "cpu":
-        raise ConfigError(f"run.device: expected auto, cpu or cuda, got {name!r}")
-    return torch.device("cpu")
+# --------------------------------------------------------------------------- dtypes
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -48,19 +38,35 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 # --------------------------------------------------------------------------- base model
 
 
-def base_model_path(cfg: Config) -> str:
-    """Where the base model comes from: a hub id, a local dir, or the tiny model's dir."""
-    if cfg.model.name_or_path == TINY:
-        return os.path.join(cfg.run.output_dir, "base_model")
-    return cfg.model.name_or_path
+def quiet_transformers() -> None:
+    """Silence per-load progress bars from transformers; looper draws its own."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    except Exception:  # pragma: no cover - cosmetic only
+        pass
 
 
-def ensure_base_model(cfg: Config) -> str:
-    """Return the base model path, building the offline tiny model first if needed."""
-    path = base_model_path(cfg)
-    if cfg.model.name_or_path == TINY and not os.path.exists(os.path.join(path, _TINY_MARKER)):
-        build_tiny_model(path, cfg.model.tiny, synthetic=cfg.data.synthetic)
-    return path
+def ensure_model(cfg: Config, for_base_stage: bool = False, announce: bool = False) -> str:
+    """The model folder (or hub id) a stage starts from, building the offline tiny model first
+    if the run needs it (rank 0 builds, the others wait).
+
+    ``for_base_stage``: the tiny base stage trains the freshly built model; every other
+    stage starts from the layout's base model (``RunLayout.base_model``).
+    """
+    from looper import dist
+
+    layout = RunLayout.of(cfg)
+    if layout.model_source == TINY:
+        with dist.main_first():
+            if not os.path.exists(os.path.join(layout.tiny_model, _TINY_MARKER)):
+                build_tiny_model(layout.tiny_model, cfg.model.tiny, synthetic=cfg.data.synthetic)
+    if for_base_stage:
+        return layout.pretrained
+    return resolve_base_model(layout, announce=announce and dist.is_main())
 
 
 def load_tokenizer(path: str, model_cfg: Optional[ModelConfig] = None):
@@ -117,7 +123,7 @@ def attach_lora(model, lora_cfg: LoraConfig):
 
 
 def check_adapter_dir(path: str, what: str = "adapter") -> None:
-    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+    if adapter_missing(path):
         raise ConfigError(
             f"{what} not found: {path} has no adapter_config.json "
             "(expected a PEFT adapter folder such as <output_dir>/checkpoints/sft_lora)"
@@ -141,6 +147,25 @@ def merged_model(model, adapter_path: Optional[str]):
         return model
     peft_model = load_adapter(model, adapter_path, trainable=False)
     return peft_model.merge_and_unload()
+
+
+def load_for_generation(cfg: Config, adapter_path: Optional[str], device: torch.device | str):
+    """The stages' base model (+ adapter merged into the weights, in memory only) and tokenizer.
+
+    The adapter folder is only read; its tokenizer is used when it holds one. Returns
+    ``(model, tokenizer)``, the model in eval mode with gradients off.
+    """
+    quiet_transformers()
+    if adapter_path is not None:
+        check_adapter_dir(adapter_path)
+    base = ensure_model(cfg)
+    has_tok = adapter_path is not None and os.path.isfile(os.path.join(adapter_path, "tokenizer_config.json"))
+    tokenizer = load_tokenizer(adapter_path if has_tok else base, cfg.model)
+    model = load_base_model(base, cfg.model, device)
+    model = merged_model(model, adapter_path)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
 
 
 def decoder_layers(model) -> list:
@@ -239,36 +264,3 @@ def build_tiny_model(
         shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing half-written
         raise
     return out_dir
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def replace_dir(src: str, dst: str) -> None:
-    """Move finished folder ``src`` to ``dst``, replacing an old ``dst``.
-
-    Where the OS allows it the two folders are swapped atomically, so ``dst`` is never
-    missing, even if the process dies mid-way; elsewhere two renames are used.
-    """
-    if not os.path.exists(dst):
-        os.rename(src, dst)
-    elif _exchange(src, dst):
-        shutil.rmtree(src, ignore_errors=True)  # src now holds the old folder
-    else:
-        old = f"{dst}.old.{os.getpid()}"
-        os.rename(dst, old)
-        os.rename(src, dst)
-        shutil.rmtree(old, ignore_errors=True)

@@ -7,8 +7,9 @@ import json
 import os
 from typing import Optional
 
-from looper import paths
 from looper.config import Config
+from looper.io import write_text_atomic
+from looper.layout import RunLayout
 
 
 def _read_json(path: str) -> Optional[dict]:
@@ -18,8 +19,8 @@ def _read_json(path: str) -> Optional[dict]:
         return json.load(f)
 
 
-def _read_metrics(cfg: Config, stage: str) -> list[dict]:
-    path = paths.metrics_path(cfg, stage)
+def _read_metrics(layout: RunLayout, stage: str) -> list[dict]:
+    path = layout.metrics(stage)
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -36,7 +37,7 @@ def _metrics_table(rows: list[dict], keys: list[str]) -> str:
     return "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n| " + " | ".join(_fmt(last[k]) for k in keys) + " |\n"
 
 
-def make_plots(cfg: Config, out_dir: str) -> list[str]:
+def make_plots(layout: RunLayout) -> list[str]:
     """Draw SFT loss, DPO loss/margins/accuracy and accuracy per stage; [] without matplotlib."""
     try:
         import matplotlib
@@ -46,7 +47,7 @@ def make_plots(cfg: Config, out_dir: str) -> list[str]:
     except ImportError:
         return []
     made = []
-    sft = _read_metrics(cfg, "sft")
+    sft = _read_metrics(layout, "sft")
     if sft:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.plot([r["step"] for r in sft], [r["loss"] for r in sft], label="train")
@@ -55,16 +56,16 @@ def make_plots(cfg: Config, out_dir: str) -> list[str]:
             ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval")
         ax.set(xlabel="step", ylabel="loss", title="SFT loss")
         ax.legend()
-        made.append(_save(fig, out_dir, "sft_loss.png"))
-    dpo = _read_metrics(cfg, "dpo")
+        made.append(_save(fig, layout, "sft_loss.png"))
+    dpo = _read_metrics(layout, "dpo")
     if dpo:
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
         steps = [r["step"] for r in dpo]
         for ax, key in zip(axes, ("loss", "rewards/margins", "rewards/accuracies")):
             ax.plot(steps, [r[key] for r in dpo])
             ax.set(xlabel="step", title=f"DPO {key}")
-        made.append(_save(fig, out_dir, "dpo_metrics.png"))
-    evals = [(n, _read_json(os.path.join(paths.outputs_dir(cfg), f"{n}_eval.json"))) for n in ("base", "sft", "dpo")]
+        made.append(_save(fig, layout, "dpo_metrics.png"))
+    evals = [(n, _read_json(layout.eval_summary(n))) for n in ("base", "sft", "dpo")]
     evals = [(n, e) for n, e in evals if e]
     if evals:
         fig, ax = plt.subplots(figsize=(4, 3.2))
@@ -73,12 +74,12 @@ def make_plots(cfg: Config, out_dir: str) -> list[str]:
         hi = [e["ci95"][1] - e["accuracy"] for _, e in evals]
         ax.bar([n for n, _ in evals], acc, yerr=[lo, hi], capsize=4)
         ax.set(ylabel="accuracy", ylim=(0, 1), title="accuracy (95% CI)")
-        made.append(_save(fig, out_dir, "accuracy.png"))
+        made.append(_save(fig, layout, "accuracy.png"))
     return made
 
 
-def _save(fig, out_dir: str, name: str) -> str:
-    path = os.path.join(out_dir, name)
+def _save(fig, layout: RunLayout, name: str) -> str:
+    path = layout.plot(name)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     import matplotlib.pyplot as plt
@@ -88,24 +89,24 @@ def _save(fig, out_dir: str, name: str) -> str:
 
 
 def write_report(cfg: Config, elapsed_s: Optional[float] = None) -> str:
-    out = cfg.run.output_dir
+    layout = RunLayout.of(cfg)
     lines = ["# looper pipeline report", ""]
-    lines += [f"- output folder: `{out}`", f"- base model: `{cfg.model.name_or_path}`"]
-    state = _read_json(os.path.join(out, "pipeline_state.json")) or {"completed": {}}
+    lines += [f"- output folder: `{layout.root}`", f"- base model: `{cfg.model.name_or_path}`"]
+    state = _read_json(layout.pipeline_state) or {"completed": {}}
     times = ", ".join(f"{k} {v['seconds']}s" for k, v in state["completed"].items())
     if times:
         lines.append(f"- stage times: {times}")
     if elapsed_s is not None:
         lines.append(f"- this invocation: {elapsed_s:.0f}s")
     lines.append("")
-    compare_md = os.path.join(paths.outputs_dir(cfg), "compare.md")
+    compare_md = layout.compare_markdown
     if os.path.exists(compare_md):
         lines += ["## Accuracy", "", open(compare_md).read().strip(), ""]
-    roll = _read_json(os.path.join(out, "data", "rollouts_summary.json"))
+    roll = _read_json(layout.rollouts_summary())
     if roll:
         lines += ["## Rollouts", "", "| " + " | ".join(roll) + " |", "|" + "---|" * len(roll),
                   "| " + " | ".join(_fmt(v) for v in roll.values()) + " |", ""]
-    prefs = _read_json(os.path.join(out, "data", "preferences_summary.json"))
+    prefs = _read_json(layout.preferences_summary())
     if prefs:
         keys = ["n_questions", "n_all_correct", "n_all_wrong", "n_mixed", "n_pairs", "n_correctness",
                 "n_coherence", "mean_reward_correct", "mean_reward_wrong"]
@@ -117,17 +118,15 @@ def write_report(cfg: Config, elapsed_s: Optional[float] = None) -> str:
         ("sft", ["step", "loss", "eval_loss", "lr", "grad_norm", "tokens_per_s"]),
         ("dpo", ["step", "loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "eval/loss", "tokens_per_s"]),
     ):
-        rows = _read_metrics(cfg, stage)
+        rows = _read_metrics(layout, stage)
         if rows:
             lines += [f"## Final {stage} metrics", "", _metrics_table(rows, keys)]
-    plots = make_plots(cfg, out)
+    plots = make_plots(layout)
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     else:
         lines += ["Plots skipped: matplotlib is not installed (`pip install 'looper[plot]'`).", ""]
-    path = os.path.join(out, "report.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines))
-    os.replace(path + ".tmp", path)
+    path = layout.report
+    write_text_atomic(path, "\n".join(lines))
     print(f"[pipeline] report: {path}")
     return path

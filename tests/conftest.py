@@ -55,7 +55,7 @@ MICRO_DEFAULTS = {
     "run.device": "cpu",
     "data.synthetic.n_train": 96,
     "data.synthetic.n_test": 16,
-    "data.val_size": 8,
+    "sft.val_size": 8,
     "data.max_length": 320,
     "lora.r": 4,
     "lora.alpha": 8,

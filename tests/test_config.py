@@ -93,9 +93,9 @@ def test_dotted_overrides_of_every_kind():
 
     # a mapping override fills an optional section, the rest from the section's defaults
     cfg = load_config(None, ["base_train={max_steps: 5, lr: 1e-3}"])
-    assert isinstance(cfg.base_train, SFTConfig)
+    assert type(cfg.base_train) is TrainConfig
     assert cfg.base_train.max_steps == 5 and cfg.base_train.lr == 1e-3
-    assert cfg.base_train.batch_size == SFTConfig().batch_size
+    assert cfg.base_train.batch_size == TrainConfig().batch_size
     # and so does a dotted key into a section that is null by default
     assert load_config(None, ["base_train.max_steps=7"]).base_train.max_steps == 7
 
@@ -167,7 +167,7 @@ def assert_lists_keys(message: str, cls) -> None:
         ("rollout.generation.temperatur=0.5", "rollout.generation.temperatur", GenerationConfig),
         # optional sections: the error is the section's own, not a vague "expected X | null"
         ("lora.rank=8", "lora.rank", LoraConfig),
-        ("base_train.max_step=5", "base_train.max_step", SFTConfig),
+        ("base_train.max_step=5", "base_train.max_step", TrainConfig),
     ],
 )
 def test_unknown_key_names_full_key_and_valid_keys(override, full_key, section):
@@ -223,7 +223,7 @@ def test_wrong_type_names_key_and_expectation(override, pattern):
         (["eval.n_questions=-2"], r"eval\.n_questions"),
         (["sft.lr=0"], r"sft\.lr must be > 0"),
         (["sft.max_steps=0"], r"sft\.max_steps"),
-        (["sft.betas=[0.9]"], r"sft\.betas must have two values"),
+        (["sft.betas=[0.9]"], r"sft\.betas must be two values in \[0, 1\)"),
         (["lora.r=0"], r"lora\.r must be >= 1"),
         (["data.max_length=4"], r"data\.max_length must be >= 8"),
         (["rollout.generation.top_p=0"], r"rollout\.generation"),
@@ -312,7 +312,7 @@ def test_embedded_default_config_loads():
     assert os.path.isfile(path)
     cfg = load_config(path)
     assert cfg.model.name_or_path == "tiny"
-    assert isinstance(cfg.base_train, SFTConfig)  # the tiny pipeline's base stage
+    assert type(cfg.base_train) is TrainConfig  # the tiny pipeline's base stage
     assert cfg.lora is not None and cfg.sft.lr == 3e-3
     assert cfg != Config()
     # and overrides apply on top of it, as the CLI does

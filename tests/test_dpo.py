@@ -23,7 +23,7 @@ from conftest import assert_metrics_close, kill_training_run, read_jsonl, run_to
 from looper import checkpoint
 from looper.config import ConfigError, LoraConfig
 from looper.io import DataError
-from looper.loops.common import stage_dirs
+from looper.layout import RunLayout
 from looper.loops.dpo import train_dpo
 
 PROMPT = "Q: {q}\nA: "
@@ -130,11 +130,11 @@ def metrics(cfg) -> list[dict]:
 
 
 def out_dir(cfg) -> str:
-    return stage_dirs(cfg, cfg.dpo.output_name, "dpo")["out"]
+    return RunLayout.of(cfg).checkpoint(cfg.dpo.output_name)
 
 
 def resume_root(cfg) -> str:
-    return stage_dirs(cfg, cfg.dpo.output_name, "dpo")["resume"]
+    return RunLayout.of(cfg).resume(cfg.dpo.output_name)
 
 
 def cache_files(cfg) -> list[str]:
@@ -191,12 +191,12 @@ def peft_policy(base_dir, adapter_dir):
 # --------------------------------------------------------------------------- reference pass and cache
 
 
-def test_reference_logps_match_a_naive_computation_and_the_cache_is_keyed(dpo_cfg, assets, tmp_path, monkeypatch):
+def test_reference_logps_match_a_naive_computation_and_the_cache_is_keyed(dpo_cfg, assets, tmp_path):
     import looper.loops.dpo as dpo
     from looper.models import load_tokenizer
 
     cfg = dpo_cfg(tmp_path / "run", dpo__max_steps=1)
-    train_dpo(cfg)
+    assert train_dpo(cfg).reference == "computed"
     m = metrics(cfg)
     assert len(m) == 1
     # policy == reference at step 0: the sigmoid of 0, rewards 0
@@ -219,13 +219,10 @@ def test_reference_logps_match_a_naive_computation_and_the_cache_is_keyed(dpo_cf
     assert (naive[:, 0] - naive[:, 1]).abs().max() > 1.0, "chosen and rejected should differ"
 
     # rerun with the same inputs: the cache is read, not recomputed or rewritten
-    calls = []
-    real_pass = dpo.reference_pass
-    monkeypatch.setattr(dpo, "reference_pass", lambda *a, **k: calls.append(1) or real_pass(*a, **k))
     mtime = os.stat(cache).st_mtime_ns
     cfg_again = dpo_cfg(tmp_path / "run", dpo__max_steps=1, dpo__resume="none")
-    train_dpo(cfg_again)
-    assert calls == [] and cache_files(cfg_again) == [cache] and os.stat(cache).st_mtime_ns == mtime
+    assert train_dpo(cfg_again).reference == "cached"
+    assert cache_files(cfg_again) == [cache] and os.stat(cache).st_mtime_ns == mtime
     assert metrics(cfg_again)[0]["loss"] == m[0]["loss"]
 
     # a changed adapter gives a new key and a new file, computed for the new adapter
@@ -234,8 +231,7 @@ def test_reference_logps_match_a_naive_computation_and_the_cache_is_keyed(dpo_cf
     weights = adapter_tensors(changed)
     save_file({k: (v * 1.5 if "lora_B" in k else v) for k, v in weights.items()}, str(changed / "adapter_model.safetensors"))
     cfg_new = dpo_cfg(tmp_path / "run", dpo__max_steps=1, dpo__resume="none", adapter=changed)
-    train_dpo(cfg_new)
-    assert calls == [1]
+    assert train_dpo(cfg_new).reference == "computed"
     files = cache_files(cfg_new)
     assert len(files) == 2 and cache in files
     new_ref = load_file([f for f in files if f != cache][0])["logps"]
@@ -254,8 +250,7 @@ def test_reference_logps_match_a_naive_computation_and_the_cache_is_keyed(dpo_cf
     base_copy = tmp_path / "base_copy"
     shutil.copytree(assets.base, base_copy)
     moved_cfg = dpo_cfg(tmp_path / "run", dpo__max_steps=1, dpo__resume="none", model__name_or_path=str(base_copy))
-    train_dpo(moved_cfg)
-    assert calls == [1, 1] and len(cache_files(moved_cfg)) == 3
+    assert train_dpo(moved_cfg).reference == "computed" and len(cache_files(moved_cfg)) == 3
 
 
 def test_online_reference_gives_the_precomputed_trajectory(dpo_cfg, assets, tmp_path):
@@ -264,7 +259,7 @@ def test_online_reference_gives_the_precomputed_trajectory(dpo_cfg, assets, tmp_
     settings = dict(dpo__max_steps=6, dpo__val_size=4, dpo__eval_every=3, dpo__lr=3e-3, adapter=assets.adapter_dropout)
     cfg_p = dpo_cfg(tmp_path / "pre", **settings)
     cfg_o = dpo_cfg(tmp_path / "online", dpo__reference="online", **settings)
-    out_p, out_o = train_dpo(cfg_p), train_dpo(cfg_o)
+    out_p, out_o = train_dpo(cfg_p).output_dir, train_dpo(cfg_o).output_dir
     m_p, m_o = metrics(cfg_p), metrics(cfg_o)
     assert len(m_p) == 6 and "eval/loss" in m_p[2] and "eval/loss" in m_p[5]
     assert_metrics_close(m_p, m_o, rel=1e-4, abs_=1e-5)
@@ -293,7 +288,7 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(dpo_overrides, dpo_
     )
     cfg1 = dpo_cfg(tmp_path / "w1", dpo__batch_size=2, dpo__grad_accum=2, **common)
     cfg2 = dpo_cfg(tmp_path / "w2", dpo__batch_size=2, dpo__grad_accum=1, **common)
-    out1 = train_dpo(cfg1)
+    out1 = train_dpo(cfg1).output_dir
     m1, m2 = metrics(cfg1), metrics(cfg2)
     assert len(m1) == 4 and all("eval/loss" in r for r in m1[1::2])
     assert [r["tokens"] for r in m1] == [r["tokens"] for r in m2]  # the same pairs per step
@@ -330,14 +325,14 @@ def test_killed_run_resumes_to_the_same_adapter_and_metrics(dpo_overrides, dpo_c
     assert proc.returncode == -signal.SIGKILL
 
     root = resume_root(cfg_k)
-    assert root == os.path.join(str(killed), "checkpoints", "dpo", "resume")  # DESIGN.md layout
+    assert root == os.path.join(str(killed), "checkpoints", "dpo_lora-resume")  # RunLayout.resume: beside the output
     assert [Path(p).name for p in checkpoint.list_resume_states(root)] == ["step-3", "step-6"]
     assert [r["step"] for r in metrics(cfg_k)] == list(range(1, stall_step))
     assert not os.path.exists(out_dir(cfg_k))
 
-    out_k = train_dpo(cfg_k)  # resume=auto continues from step-6 (the reference comes from the cache)
+    out_k = train_dpo(cfg_k).output_dir  # resume=auto continues from step-6 (the reference comes from the cache)
     cfg_f = dpo_cfg(full, **settings)
-    out_f = train_dpo(cfg_f)
+    out_f = train_dpo(cfg_f).output_dir
 
     assert_tensors_close(adapter_tensors(out_k), adapter_tensors(out_f), rel=1e-6, what="adapter")
     assert_metrics_close(metrics(cfg_k), metrics(cfg_f), rel=1e-6, abs_=1e-9)
@@ -372,7 +367,7 @@ def test_training_raises_rewards_and_the_saved_adapter_loads_with_peft(dpo_cfg, 
     # 40 steps of 4 pairs: about 7 epochs of the 24 pairs
     cfg = dpo_cfg(tmp_path, dpo__max_steps=40, dpo__batch_size=4, dpo__grad_accum=1, dpo__lr=5e-3,
                   dpo__beta=beta, dpo__schedule="constant")
-    out = train_dpo(cfg)
+    out = train_dpo(cfg).output_dir
     m = metrics(cfg)
     assert len(m) == 40
 
@@ -418,7 +413,7 @@ def test_nll_weight_adds_the_chosen_nll_to_the_objective(dpo_cfg, assets, tmp_pa
 
     cfg0 = dpo_cfg(tmp_path / "w0", dpo__max_steps=3, dpo__lr=3e-3)
     cfg1 = dpo_cfg(tmp_path / "w1", dpo__max_steps=3, dpo__lr=3e-3, dpo__nll_weight=1.0)
-    out0, out1 = train_dpo(cfg0), train_dpo(cfg1)
+    out0, out1 = train_dpo(cfg0).output_dir, train_dpo(cfg1).output_dir
     m0, m1 = metrics(cfg0), metrics(cfg1)
     assert all("nll" in r for r in m0 + m1)
 
@@ -496,7 +491,7 @@ def test_long_prompt_is_rejected_or_truncated_and_counted(dpo_overrides, dpo_cfg
 
     cfg = dpo_cfg(tmp_path / "cut", pairs=pairs, data__truncation="truncate", dpo__max_steps=6,
                   dpo__batch_size=4, dpo__grad_accum=1)
-    out = train_dpo(cfg)
+    out = train_dpo(cfg).output_dir
     assert "(1 truncated)" in capsys.readouterr().out
     m = metrics(cfg)
     assert len(m) == 6 and all(math.isfinite(r["loss"]) for r in m)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from looper.config import GenerationConfig, TinyModelConfig
-from looper.generation import generate, pick_tokens, plan_batches, run_generation, sample_seed
+from looper.engine import generate, pick_tokens, plan_batches, sample_seed
+from looper.generation import run_generation
 from looper.io import DataError
 
 GQA_SHAPE = dict(  # 4 query heads sharing 2 kv heads: exercises the grouped attention path
@@ -144,7 +145,7 @@ def test_ignore_eos_generates_max_new_tokens(model_tok, items):
 
 def test_dropping_finished_rows_changes_nothing(model_tok, items, monkeypatch):
     """Sampling with early EOS: compacting the batch (rows and whole questions) keeps every sample."""
-    import looper.generation as gen
+    import looper.engine as gen
 
     model, tok = model_tok
     cfg = GenerationConfig(max_new_tokens=20, temperature=1.0, batch_size=64, seed=5)
@@ -170,7 +171,7 @@ def test_dropping_finished_rows_changes_nothing(model_tok, items, monkeypatch):
 
 def test_prefix_attention_matches_sdpa_after_rows_are_dropped():
     """The split attention (shared prompt part + per-row part) equals plain SDPA on concatenated keys."""
-    from looper.generation import PrefixCache, _DecodeState, _prefix_attention
+    from looper.engine import PrefixCache, _DecodeState, _prefix_attention
 
     torch.manual_seed(0)
     n_q, s, kv, group, d, lp, g = 3, 4, 2, 2, 8, 7, 5
@@ -205,7 +206,7 @@ def test_prefix_attention_matches_sdpa_after_rows_are_dropped():
 
 
 def test_out_of_memory_halves_the_batch(model_tok, items, monkeypatch, caplog):
-    import looper.generation as gen
+    import looper.engine as gen
 
     model, tok = model_tok
     cfg = GenerationConfig(max_new_tokens=8, temperature=1.0, batch_size=64)
@@ -219,7 +220,7 @@ def test_out_of_memory_halves_the_batch(model_tok, items, monkeypatch, caplog):
         return real(model_, job, *args, **kwargs)
 
     monkeypatch.setattr(gen, "_decode", flaky)
-    with caplog.at_level("WARNING", logger="looper.generation"):
+    with caplog.at_level("WARNING", logger="looper.engine"):
         out = generate(model, tok, items[:8], cfg, num_samples=2)
     assert sizes == [8, 4, 2, 2, 2, 2]
     assert "out of memory" in caplog.text
@@ -401,7 +402,7 @@ def test_merged_adapter_matches_unmerged_peft(gqa_model_dir, items, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from looper.config import Config
-    from looper.generation import load_for_generation
+    from looper.models import load_for_generation
     from looper.models import load_base_model, load_tokenizer
 
     torch.manual_seed(0)

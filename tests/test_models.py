@@ -24,7 +24,6 @@ from looper.models import (
     load_base_model,
     load_tokenizer,
     merged_model,
-    replace_dir,
     train_bpe_tokenizer,
 )
 
@@ -195,38 +194,6 @@ def test_failed_build_leaves_nothing(tmp_path, corpus, monkeypatch):
     assert os.listdir(good.parent) == ["model"]
     assert {n: (good / n).read_bytes() for n in os.listdir(good)} == before
 
-
-# --------------------------------------------------------------------------- replace_dir
-
-
-def _make(path: Path, files: dict[str, str]) -> Path:
-    path.mkdir(parents=True)
-    for name, text in files.items():
-        (path / name).write_text(text)
-    return path
-
-
-def _contents(path: Path) -> dict[str, str]:
-    return {p.name: p.read_text() for p in path.iterdir()}
-
-
-@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
-def test_replace_dir(tmp_path, monkeypatch, exchange):
-    import looper.models as models
-
-    if not exchange:  # the fallback where the OS has no atomic exchange
-        monkeypatch.setattr(models, "_exchange", lambda a, b: False)
-    dst = _make(tmp_path / "dst", {"old.txt": "old", "shared.txt": "v1"})
-    src = _make(tmp_path / ".tmp-dst", {"new.txt": "new", "shared.txt": "v2"})
-    replace_dir(str(src), str(dst))
-    assert _contents(dst) == {"new.txt": "new", "shared.txt": "v2"}  # old-only file gone
-    assert sorted(os.listdir(tmp_path)) == ["dst"]
-
-    # a destination that does not exist yet
-    src2 = _make(tmp_path / ".tmp-other", {"a": "1"})
-    replace_dir(str(src2), str(tmp_path / "other"))
-    assert _contents(tmp_path / "other") == {"a": "1"}
-    assert sorted(os.listdir(tmp_path)) == ["dst", "other"]
 
 
 # --------------------------------------------------------------------------- LoRA

@@ -15,7 +15,8 @@ from conftest import REPO_ROOT, kill_when, subprocess_env
 
 from looper.config import ConfigError, default_config_path, load_config
 from looper.io import read_jsonl
-from looper.loops.pipeline import STAGES, _forget, run_pipeline
+from looper.layout import RunLayout
+from looper.loops.pipeline import STAGES, run_pipeline
 
 # A tiny model trained for seconds on one-step problems with small numbers: sampling at
 # temperature 1 then gets a few answers right, so groups are mixed and pairs exist.
@@ -33,8 +34,8 @@ MICRO_PIPELINE = [
     "data.synthetic.n_test=16",
     "data.synthetic.max_steps=1",
     "data.synthetic.max_number=6",
-    "data.val_size=8",
-    "base_train={max_steps: 60, batch_size: 16, lr: 1.0e-2, warmup_steps: 5}",
+    "sft.val_size=8",
+    "base_train={max_steps: 60, batch_size: 16, lr: 1.0e-2, warmup_steps: 5, val_size: 8}",
     "sft.max_steps=4",
     "sft.batch_size=8",
     "rollout.n_questions=16",
@@ -149,13 +150,13 @@ def test_killed_mid_dpo_resumes_without_redoing_sft_or_rollouts(finished_run: Pa
 
     out = tmp_path / "resume"
     shutil.copytree(finished_run, out)
-    _forget(micro(out), ["dpo", "eval"])  # as if the first run had stopped before DPO
+    run_pipeline(micro(out), stages=["base"], force=["dpo"])  # as if the first run had stopped before DPO
     watched = [out / "checkpoints/sft_lora/adapter_model.safetensors", out / "data/rollouts.jsonl"]
     before = [mtime(p) for p in watched]
     cmd = [sys.executable, "-m", "looper", "pipeline", f"run.output_dir={out}", *MICRO_PIPELINE, *extra]
     proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    marker = out / "checkpoints/dpo/resume/step-4/trainer_state.json"
+    marker = Path(RunLayout.of(micro(out)).resume("dpo_lora")) / "step-4" / "trainer_state.json"
     kill_when(proc, marker.exists, what="a DPO resume state")
     assert not (out / "checkpoints/dpo_lora").exists()
 

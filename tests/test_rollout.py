@@ -61,7 +61,7 @@ def policy(tiny_model_dir, tmp_path_factory) -> dict:
         root / "base_run", tiny_model_dir, "lora=null", *EASY_DATA, "sft.max_steps=60", "sft.batch_size=16",
         "sft.lr=1e-2", "sft.warmup_steps=5", "sft.output_name=base",
     ))
-    base = train_sft(cfg, stage="base")
+    base = train_sft(cfg).output_dir  # full fine-tuning (lora=null) into checkpoints/base
 
     model = load_base_model(base)
     with torch.random.fork_rng(devices=[]):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from conftest import assert_metrics_close, kill_training_run, read_jsonl, run_python, run_torchrun
 from looper import checkpoint
-from looper.loops.common import stage_dirs
+from looper.layout import RunLayout
 from looper.loops.sft import train_sft
 
 
@@ -35,7 +35,7 @@ def metrics(cfg, stage: str = "sft") -> list[dict]:
 
 
 def resume_root(cfg, stage: str = "sft") -> str:
-    return stage_dirs(cfg, cfg.sft.output_name, stage)["resume"]
+    return RunLayout.of(cfg).resume(cfg.sft.output_name if stage == "sft" else stage)
 
 
 def assert_tensors_close(a: dict, b: dict, rel: float, what: str, elem_rel: float | None = None) -> float:
@@ -134,14 +134,14 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(micro_overrides, mi
     )
     for name, (b, a) in PARITY_CASES.items():
         cfg1 = micro_cfg(tmp_path / f"w1_{name}", sft__batch_size=b, sft__grad_accum=2 * a, **common)
-        out1 = train_sft(cfg1)
+        out1 = train_sft(cfg1).output_dir
         cfg2 = micro_cfg(tmp_path / f"w2_{name}", sft__batch_size=b, sft__grad_accum=a, **common)
         m1, m2 = metrics(cfg1), metrics(cfg2)
         assert len(m1) == 4 and all("eval_loss" in r for r in m1[1::2])
         # the same rows per step: token counts agree exactly
         assert [r["completion_tokens"] for r in m1] == [r["completion_tokens"] for r in m2]
         assert_metrics_close(m1, m2, rel=1e-5)
-        a1, a2 = adapter_tensors(out1), adapter_tensors(stage_dirs(cfg2, "sft_lora")["out"])
+        a1, a2 = adapter_tensors(out1), adapter_tensors(RunLayout.of(cfg2).sft_adapter)
         assert max(v.abs().max().item() for k, v in a1.items() if "lora_B" in k) > 1e-3, "adapter did not train"
         assert_tensors_close(a1, a2, rel=1e-5, what=f"adapter {name}")
         # both worlds also wrote the same (resharded-on-load) optimizer state
@@ -154,12 +154,12 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(micro_overrides, mi
     shutil.copytree(tmp_path / "w2_b4_a1", tmp_path / "w2to1")
     cfg_r = micro_cfg(tmp_path / "w2to1", sft__batch_size=b, sft__grad_accum=2 * a, **common)
     shutil.rmtree(os.path.join(resume_root(cfg_r), "step-4"))
-    shutil.rmtree(stage_dirs(cfg_r, "sft_lora")["out"])
+    shutil.rmtree(RunLayout.of(cfg_r).sft_adapter)
     assert checkpoint.find_resume_state("auto", resume_root(cfg_r)).endswith("step-2")
-    out_r = train_sft(cfg_r)
+    out_r = train_sft(cfg_r).output_dir
     cfg1 = micro_cfg(tmp_path / "w1_b4_a1", sft__batch_size=b, sft__grad_accum=2 * a, **common)
     assert_metrics_close(metrics(cfg1), metrics(cfg_r), rel=1e-5)
-    assert_tensors_close(adapter_tensors(stage_dirs(cfg1, "sft_lora")["out"]), adapter_tensors(out_r), 1e-5, "2->1 resume")
+    assert_tensors_close(adapter_tensors(RunLayout.of(cfg1).sft_adapter), adapter_tensors(out_r), 1e-5, "2->1 resume")
 
 
 # --------------------------------------------------------------------------- resume after a kill
@@ -186,11 +186,11 @@ def test_killed_run_resumes_to_the_same_adapter_and_optimizer_state(micro_overri
     root = resume_root(cfg_k)
     assert [Path(p).name for p in checkpoint.list_resume_states(root)] == ["step-4", "step-8"]
     assert [r["step"] for r in metrics(cfg_k)] == list(range(1, stall_step))  # step 9 logged
-    assert not os.path.exists(stage_dirs(cfg_k, "sft_lora")["out"] + "/adapter_model.safetensors")
+    assert not os.path.exists(RunLayout.of(cfg_k).sft_adapter + "/adapter_model.safetensors")
 
-    out_k = train_sft(cfg_k)  # resume=auto picks up step-8
+    out_k = train_sft(cfg_k).output_dir  # resume=auto picks up step-8
     cfg_f = micro_cfg(full_dir, **settings)
-    out_f = train_sft(cfg_f)
+    out_f = train_sft(cfg_f).output_dir
 
     worst = assert_tensors_close(adapter_tensors(out_k), adapter_tensors(out_f), rel=1e-6, what="adapter")
     assert_metrics_close(metrics(cfg_k), metrics(cfg_f), rel=1e-6)
@@ -238,11 +238,11 @@ def test_crash_mid_save_keeps_the_previous_resume_state(micro_cfg, tmp_path, mon
     state = load_resume_dict(os.path.join(root, "step-2"), tmp_path)
     assert any("exp_avg" in k for k, _ in flat_items(state))
 
-    out = train_sft(cfg)  # resumes from step-2; the next save cleans the stray folder
+    out = train_sft(cfg).output_dir  # resumes from step-2; the next save cleans the stray folder
     assert not glob.glob(os.path.join(root, ".tmp-*"))
     assert [r["step"] for r in metrics(cfg)] == list(range(1, 7))
     cfg_ref = micro_cfg(tmp_path / "ref", sft__max_steps=6, sft__save_every=2)
-    assert_tensors_close(adapter_tensors(out), adapter_tensors(train_sft(cfg_ref)), 1e-6, "adapter")
+    assert_tensors_close(adapter_tensors(out), adapter_tensors(train_sft(cfg_ref).output_dir), 1e-6, "adapter")
 
 
 def test_crash_mid_adapter_save_keeps_the_old_adapter(micro_cfg, tmp_path, monkeypatch):
@@ -251,7 +251,7 @@ def test_crash_mid_adapter_save_keeps_the_old_adapter(micro_cfg, tmp_path, monke
     from looper.models import load_base_model
 
     cfg = micro_cfg(tmp_path / "run", sft__max_steps=2, sft__lr=1e-2)
-    out = train_sft(cfg)
+    out = train_sft(cfg).output_dir
     before = {p.name: p.read_bytes() for p in Path(out).iterdir()}
 
     real_replace = checkpoint.replace_dir
@@ -300,7 +300,7 @@ def test_four_microbatches_of_one_equal_one_batch_of_four(micro_cfg, tmp_path, m
     runs = {}
     for b, a in [(4, 1), (1, 4), (2, 2)]:
         cfg = micro_cfg(tmp_path / f"b{b}a{a}", sft__batch_size=b, sft__grad_accum=a, sft__max_steps=4, sft__lr=5e-3)
-        runs[(b, a)] = (cfg, train_sft(cfg))
+        runs[(b, a)] = (cfg, train_sft(cfg).output_dir)
     cfg4, out4 = runs[(4, 1)]
     m4 = metrics(cfg4)
     for key in [(1, 4), (2, 2)]:
@@ -375,7 +375,7 @@ def test_saved_adapter_loads_with_peft_in_a_fresh_process(micro_cfg, tmp_path):
     from looper.models import load_base_model, merged_model
 
     cfg = micro_cfg(tmp_path / "run", sft__max_steps=4, sft__lr=1e-2)
-    out = train_sft(cfg)
+    out = train_sft(cfg).output_dir
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json"):
         assert os.path.isfile(os.path.join(out, name)), name
     ids = torch.randint(4, 200, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -412,7 +412,7 @@ def test_full_finetuning_saves_a_loadable_hf_model(micro_cfg, tmp_path):
 
     cfg = micro_cfg(tmp_path, lora=None, sft__max_steps=3, sft__lr=1e-3, sft__output_name="sft_full")
     assert cfg.lora is None
-    out = train_sft(cfg)
+    out = train_sft(cfg).output_dir
     assert os.path.isfile(os.path.join(out, "config.json")) and os.path.isfile(os.path.join(out, "tokenizer.json"))
     assert not os.path.exists(os.path.join(out, "adapter_config.json"))
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -496,7 +496,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(micro_cfg, t
     assert os.path.join(root, "step-2") in str(info.value)
     assert [Path(p).name for p in checkpoint.list_resume_states(root)] == ["step-2"]
     assert [r["step"] for r in metrics(cfg)] == [1, 2]
-    assert not os.path.exists(stage_dirs(cfg, "sft_lora")["out"] + "/adapter_model.safetensors")
+    assert not os.path.exists(RunLayout.of(cfg).sft_adapter + "/adapter_model.safetensors")
     monkeypatch.undo()
     train_sft(cfg)  # the kept checkpoint resumes cleanly
     assert [r["step"] for r in metrics(cfg)] == list(range(1, 7))

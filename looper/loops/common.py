@@ -1,22 +1,25 @@
-"""Setup helpers shared by the training loops (SFT, DPO). The loops themselves stay flat."""
+"""What the training loops (SFT, DPO) share: model setup, the optimizer-step skeleton
+(``TrainLoop``) and small helpers. The loops themselves stay flat, top to bottom.
+"""
 
 from __future__ import annotations
 
 import functools
 import inspect
 import math
-import os
 import random
-import warnings
+import time
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import torch
 
-from looper import dist
-from looper.config import Config, TrainConfig
+from looper import checkpoint, dist
+from looper.config import Config, ConfigError, LoraConfig, TrainConfig
 from looper.data.tokenize import IGNORE_INDEX
-from looper.models import attach_lora, decoder_layers, ensure_base_model, load_adapter, load_base_model, load_tokenizer
+from looper.metrics import MetricsLog, Throughput, progress
+from looper.models import attach_lora, decoder_layers, load_adapter, load_base_model, load_tokenizer, quiet_transformers, resolve_dtype
 
 
 def seed_everything(seed: int) -> None:
@@ -25,50 +28,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def quiet_transformers() -> None:
-    """Silence per-load progress bars from transformers; looper draws its own."""
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    except Exception:  # pragma: no cover - cosmetic only
-        pass
-
-
-def build_policy(cfg: Config, env: dist.DistEnv, adapter: Optional[str], trainable: bool = True):
-    """Base model (+ new LoRA, or an existing adapter), sharded with FSDP2.
-
-    ``adapter`` given: load it (trainable or frozen). Otherwise a new LoRA from ``cfg.lora``,
-    or full fine-tuning when ``cfg.lora`` is None. Every rank builds the same initial
-    weights (same seed), then shards them.
+def build_policy(cfg: Config, env: dist.DistEnv, path: str, adapter: Optional[str], lora: Optional[LoraConfig]):
+    """The model at ``path`` (+ a trainable existing ``adapter``, or a new LoRA from ``lora``,
+    or neither: full fine-tuning). Every rank builds the same initial weights (same seed).
+    Returns ``(model, tokenizer)``, not yet sharded.
     """
     quiet_transformers()
-    with dist.main_first():  # rank 0 builds the offline tiny model if needed
-        path = ensure_base_model(cfg)
     tokenizer = load_tokenizer(path, cfg.model)
-    # master weights: fp32 on CPU; on GPU the stored dtype, gathered in bf16 by FSDP
-    model = load_base_model(path, cfg.model, device="cpu", dtype=_load_dtype(cfg, env))
+    full_ft = adapter is None and lora is None
+    # master weights: fp32 on CPU; on GPU the stored dtype, gathered in bf16 by FSDP.
+    # Full fine-tuning keeps fp32 master weights everywhere.
+    dtype = torch.float32 if full_ft else resolve_dtype(cfg.model.dtype, env.device)
+    model = load_base_model(path, cfg.model, device="cpu", dtype=dtype)
     if adapter is not None:
-        model = load_adapter(model, adapter, trainable=trainable)
-    elif cfg.lora is not None:
+        model = load_adapter(model, adapter, trainable=True)
+    elif lora is not None:
         torch.manual_seed(cfg.run.seed)  # identical LoRA init on every rank
-        model = attach_lora(model, cfg.lora)
-    if cfg.lora is not None or adapter is not None:
+        model = attach_lora(model, lora)
+    if not full_ft:
         for p in model.parameters():  # trainable adapter weights always in fp32
             if p.requires_grad:
                 p.data = p.data.float()
-    return model, tokenizer, path
-
-
-def _load_dtype(cfg: Config, env: dist.DistEnv) -> torch.dtype:
-    from looper.models import resolve_dtype
-
-    full_ft = cfg.lora is None
-    dtype = resolve_dtype(cfg.model.dtype, env.device)
-    # full fine-tuning keeps fp32 master weights; FSDP gathers them in bf16 on GPU
-    return torch.float32 if full_ft else dtype
+    return model, tokenizer
 
 
 def shard(model, env: dist.DistEnv, activation_checkpointing: bool):
@@ -119,14 +100,14 @@ def check_finite(value: float, step: int, what: str, last_ckpt: Optional[str]) -
         raise FloatingPointError(f"non-finite {what} ({value}) at optimizer step {step}: stopping{keep}")
 
 
-def split_val(rows: list, val_size: int, seed: int) -> tuple[list, list]:
-    """A deterministic held-out split of ``val_size`` rows (0 = none)."""
+def split_val(rows: list, val_size: int, seed: int, key: str = "val_size") -> tuple[list, list]:
+    """A deterministic held-out split of ``val_size`` rows (0 = none), drawn with ``seed``."""
     if val_size <= 0:
         return rows, []
     if val_size >= len(rows):
         from looper.io import DataError
 
-        raise DataError(f"val_size={val_size} leaves no training rows out of {len(rows)}")
+        raise DataError(f"{key}={val_size} leaves no training rows out of {len(rows)}")
     idx = list(range(len(rows)))
     random.Random(f"val-{seed}").shuffle(idx)
     val = set(idx[:val_size])
@@ -139,24 +120,6 @@ def equal_shards(n: int, batch_size: int, rank: int, world: int) -> list[list[in
     mine = list(range(rank, n, world))
     per_rank = math.ceil(math.ceil(n / world) / batch_size) if n else 0
     return [mine[i * batch_size : (i + 1) * batch_size] for i in range(per_rank)]
-
-
-def stage_dirs(cfg: Config, name: str, stage: Optional[str] = None) -> dict[str, str]:
-    """``out``: the stage's output folder ``checkpoints/<name>``; ``resume``: its resume
-    states, ``checkpoints/<stage>/resume`` (DESIGN.md) for the stage's default output
-    ``<stage>_lora``, and ``checkpoints/<name>-resume`` for any other output name (so a
-    variant run never resumes another run's state).
-
-    The resume folder never lies inside ``out``: the final save replaces ``out`` as a
-    whole (an atomic rename), which would delete the resume states with it.
-    """
-    root = cfg.run.output_dir
-    out = os.path.join(root, "checkpoints", name)
-    if stage and name == f"{stage}_lora":
-        resume = os.path.join(root, "checkpoints", stage, "resume")
-    else:
-        resume = os.path.join(root, "checkpoints", f"{name}-resume")
-    return {"out": out, "resume": resume}
 
 
 def accepts_logits_to_keep(model) -> bool:
@@ -192,3 +155,134 @@ def loss_logits(model, batch: dict, trim: bool) -> tuple[torch.Tensor, torch.Ten
     kw = {"logits_to_keep": labels.shape[1] - first} if first else {}
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw)
     return out.logits, labels[:, first:]
+
+
+# --------------------------------------------------------------------------- the step skeleton
+
+
+@dataclass
+class TrainResult:
+    """What a training stage returns: where it saved, and how its time went.
+
+    ``step_seconds`` / ``step_cpu_seconds``: wall and process CPU time of each optimizer step
+    (forward, backward, optimizer; not evaluation or saving); ``step_tokens`` /
+    ``step_positions``: real tokens and computed positions (padding included) of each step,
+    summed over ranks. ``phases``: seconds spent in setup, the reference pass (DPO), the
+    steps and the final save. ``reference``: ``computed`` or ``cached`` (DPO, precomputed).
+    """
+
+    output_dir: str
+    steps: int
+    resumed_from: Optional[str] = None
+    step_seconds: list[float] = field(default_factory=list)
+    step_cpu_seconds: list[float] = field(default_factory=list)
+    step_tokens: list[int] = field(default_factory=list)
+    step_positions: list[int] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+    reference: Optional[str] = None
+
+
+class TrainLoop:
+    """The optimizer-step skeleton of both training loops, so a fix lands in both.
+
+    The loop owns its forward and backward passes; around them this object does, in order:
+    resume (``__init__``), then at each step ``optimizer_step`` (reduce the step's loss,
+    check it is finite, clip, step, schedule, count tokens and time) and ``finish_step``
+    (log, progress bar, resume state). Evaluation is the loop's own call, made when
+    ``eval_due`` says so; a step that evaluated is always logged.
+    """
+
+    def __init__(
+        self, *, model, params, t: TrainConfig, env: dist.DistEnv, n_steps: int, resume_dir: str,
+        metrics_path: str, desc: str, trainable_only: bool, show_progress: bool = True,
+        identity: Optional[dict] = None,
+    ):
+        self.model, self.params, self.t, self.env = model, params, t, env
+        self.n_steps, self.resume_dir, self.desc, self.trainable_only = n_steps, resume_dir, desc, trainable_only
+        self.identity = identity or {}  # saved in every resume state, checked on resume
+        self.optimizer = build_optimizer(params, t, env.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t, n_steps))
+        self.step, self.tokens_seen, self.last_ckpt = 0, 0, None
+        self.resumed_from = checkpoint.find_resume_state(t.resume, resume_dir)
+        if self.resumed_from is not None:
+            _check_identity(self.resumed_from, self.identity, desc)
+            state = checkpoint.load_resume_state(self.resumed_from, model, self.optimizer, trainable_only)
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step, self.tokens_seen, self.last_ckpt = state["step"], state["tokens_seen"], self.resumed_from
+        self.metrics = MetricsLog(metrics_path, resume_step=self.step)
+        self.bar = progress(n_steps, desc, initial=self.step, enabled=show_progress)
+        self.clock = Throughput()
+        self.result_steps: dict[str, list] = {"wall": [], "cpu": [], "tokens": [], "positions": []}
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.n_steps
+
+    def optimizer_step(self, loss: float, local_tokens: int, local_positions: int) -> dict:
+        """Finite check, clip, optimizer and scheduler step; returns the step's base record.
+
+        ``loss`` is already reduced over the global batch; the token counts are this rank's.
+        """
+        check_finite(loss, self.step + 1, "loss", self.last_ckpt)
+        grad_norm = dist.clip_grad_norm(self.params, self.t.max_grad_norm).item()
+        check_finite(grad_norm, self.step + 1, "gradient norm", self.last_ckpt)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step += 1
+        counts = torch.tensor([float(local_tokens), float(local_positions)], device=self.env.device)
+        tokens, positions = (int(v) for v in dist.all_reduce_sum(counts).tolist())
+        self.tokens_seen += tokens
+        wall, cpu = time.perf_counter() - self._t0, time.process_time() - self._c0
+        for k, v in zip(("wall", "cpu", "tokens", "positions"), (wall, cpu, tokens, positions)):
+            self.result_steps[k].append(v)
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.tokens_seen,
+                "tokens_per_s": self.clock.step(tokens)}
+
+    def eval_due(self, have_val: bool) -> bool:
+        every = self.t.eval_every
+        return have_val and ((every and self.step % every == 0) or self.step == self.n_steps)
+
+    def finish_step(self, rec: dict, postfix: dict, trainer_state: Optional[dict] = None) -> None:
+        """Log (every ``log_every`` steps, the last step, and any step that evaluated), update
+        the progress bar, and write a resume state when one is due."""
+        evaluated = any(k == "eval_loss" or k.startswith("eval/") for k in rec)
+        if self.step % self.t.log_every == 0 or self.step == self.n_steps or evaluated:
+            self.metrics.log(rec)
+        self.bar.set_postfix(**postfix)
+        self.bar.update(1)
+        if (self.t.save_every and self.step % self.t.save_every == 0) or self.step == self.n_steps:
+            state = {"scheduler": self.scheduler.state_dict(), "tokens_seen": self.tokens_seen, **self.identity,
+                     **(trainer_state or {})}
+            self.last_ckpt = checkpoint.save_resume_state(
+                self.resume_dir, self.step, self.model, self.optimizer, state,
+                trainable_only=self.trainable_only, keep_last=self.t.keep_last,
+            )
+        self.clock.reset()  # evaluation, logging and saving are not part of the next step's time
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics.close()
+
+    def result(self, output_dir: str, **kw) -> TrainResult:
+        r = self.result_steps
+        return TrainResult(
+            output_dir=output_dir, steps=self.step, resumed_from=self.resumed_from, step_seconds=r["wall"],
+            step_cpu_seconds=r["cpu"], step_tokens=r["tokens"], step_positions=r["positions"], **kw,
+        )
+
+
+def _check_identity(resume_from: str, identity: dict, desc: str) -> None:
+    """A resume state continues one run: the values in ``identity`` (e.g. the DPO reference
+    key) must be the ones it was written with."""
+    saved = checkpoint.read_trainer_state(resume_from)
+    changed = [(k, saved.get(k), v) for k, v in identity.items() if saved.get(k) is not None and saved.get(k) != v]
+    if changed:
+        what = "; ".join(f"{k} was {old!r}, now {new!r}" for k, old, new in changed)
+        raise ConfigError(
+            f"{desc}.resume: {resume_from} was written for other inputs ({what}). Restore them, "
+            f"or set {desc}.resume=none to start over"
+        )

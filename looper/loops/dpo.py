@@ -17,35 +17,33 @@ the pairs of the whole optimizer step (all micro-steps, all ranks).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
+import time
 
 import torch
 
-from looper import checkpoint, dist, paths
+from looper import checkpoint, dist
 from looper.config import Config, ConfigError, save_config
 from looper.data.tokenize import MicroBatches, PairEncoded, collate_pairs, encode_pair
-from looper.io import DataError, iter_jsonl
+from looper.io import DataError, iter_jsonl, sha256_files
+from looper.layout import RunLayout, resolve_adapter
 from looper.losses.dpo import chosen_nll, dpo_loss, num_completion_tokens, preference_metrics, sequence_logps
 from looper.loops.common import (
+    TrainLoop,
+    TrainResult,
     accepts_logits_to_keep,
-    build_optimizer,
     build_policy,
-    check_finite,
     equal_shards,
     loss_logits,
-    lr_lambda,
     seed_everything,
     shard,
     split_val,
-    stage_dirs,
     total_steps,
     trainable_params,
 )
-from looper.metrics import MetricsLog, Throughput, progress
-from looper.models import check_adapter_dir, resolve_dtype
+from looper.models import ensure_model, resolve_dtype
 
 PAIR_FIELDS = ("pair_id", "prompt", "chosen", "rejected")
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -55,14 +53,13 @@ METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewa
 
 
 def resolve_inputs(cfg: Config) -> tuple[str, str]:
-    """The SFT adapter and the pair file, checked before anything is built."""
-    adapter = cfg.dpo.adapter
-    if adapter in (None, "none"):
-        raise ConfigError("dpo.adapter: DPO needs the SFT adapter (policy and reference both start from it)")
-    if adapter == "auto":
-        adapter = paths.checkpoint_dir(cfg, "sft_lora")
-    check_adapter_dir(adapter, "dpo.adapter")
-    pairs = cfg.dpo.pairs or paths.preferences_path(cfg)
+    """The starting adapter (``auto``: the SFT adapter) and the pair file, checked before
+    anything is built."""
+    layout = RunLayout.of(cfg)
+    adapter = resolve_adapter(layout, cfg.dpo.adapter, "dpo.adapter", auto=layout.sft_adapter)
+    if adapter is None:
+        raise ConfigError("dpo.adapter: DPO needs an adapter to start from (policy and reference both start from it)")
+    pairs = cfg.dpo.pairs or layout.preferences()
     if not os.path.exists(pairs):
         raise DataError(f"{pairs}: preference file not found (run `looper prefs` first, or set dpo.pairs)")
     return adapter, pairs
@@ -82,20 +79,13 @@ def load_pairs(path: str, tokenizer, max_length: int, mode: str) -> tuple[list[P
     return examples, ids, sum(e.truncated for e in examples)
 
 
-def _sha256_file(path: str, h) -> None:
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-
-
 def reference_cache_key(
     pairs_path: str, adapter: str, tokenizer, max_length: int, truncation: str, model_id: str = ""
 ) -> str:
     """Hash of what the reference log-probs depend on: the pair file, the adapter weights, the
     tokenizer, the length limit and ``model_id`` (the base model and the compute precision)."""
     h = hashlib.sha256()
-    _sha256_file(pairs_path, h)
-    _sha256_file(os.path.join(adapter, "adapter_model.safetensors"), h)
+    sha256_files([pairs_path, os.path.join(adapter, "adapter_model.safetensors")], h)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)).encode())
     h.update(f"{tokenizer.bos_token_id}|{tokenizer.eos_token_id}|{max_length}|{truncation}|{model_id}".encode())
@@ -130,36 +120,22 @@ def reference_pass(model, examples: list[PairEncoded], batch_size: int, pad_id: 
     return torch.tensor([merged[i] for i in range(len(examples))], dtype=torch.float64)
 
 
-def cached_reference(cache_dir: str, key: str, compute) -> torch.Tensor:
-    """Load ``ref_logps-<key>`` (rank 0 reads, then broadcasts), or compute it on all ranks
-    and save it from rank 0. The decision is rank 0's, so every rank takes the same path."""
+def cached_reference(path: str, compute) -> tuple[torch.Tensor, str]:
+    """Load the cached log-probs at ``path`` (rank 0 reads, then broadcasts), or compute them
+    on all ranks and save them from rank 0. The decision is rank 0's, so every rank takes
+    the same path. Returns the log-probs and ``"cached"`` or ``"computed"``."""
     from safetensors.torch import load_file, save_file
 
-    path = os.path.join(cache_dir, f"ref_logps-{key}.safetensors")
     if dist.broadcast_object(os.path.exists(path) if dist.is_main() else None):
-        return dist.broadcast_object(load_file(path)["logps"] if dist.is_main() else None)
+        return dist.broadcast_object(load_file(path)["logps"] if dist.is_main() else None), "cached"
     logps = compute()
     if dist.is_main():
-        os.makedirs(cache_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp.{os.getpid()}"
         save_file({"logps": logps}, tmp)
         os.replace(tmp, path)
     dist.barrier()
-    return logps
-
-
-def check_resume_key(resume_from: str, key: str) -> None:
-    """A resume state continues one reference (pair file, SFT adapter, tokenizer, length
-    limit); resuming it against other inputs would mix two reference models."""
-    with open(os.path.join(resume_from, "trainer_state.json")) as f:
-        saved = json.load(f).get("reference_key")
-    if saved is not None and saved != key:
-        raise ConfigError(
-            f"dpo.resume: {resume_from} was written for other inputs (reference key {saved}, now {key}: "
-            "the pair file, SFT adapter, tokenizer, base model, precision or data.max_length/truncation "
-            "changed). Restore them, "
-            "or set dpo.resume=none to start over"
-        )
+    return logps, "computed"
 
 
 @contextlib.contextmanager
@@ -209,21 +185,37 @@ def eval_pairs(model, examples, ref, batch_size: int, pad_id: int, env, beta: fl
     return {f"eval/{k}": (dist.all_reduce_sum(v) / len(examples)).item() for k, v in sums.items()}
 
 
+def reference_model_id(cfg: Config, model_path: str, device: torch.device) -> str:
+    """What makes one adapter a different reference: the base model it is applied to (name,
+    revision, the local config and weight files' sizes and dates) and the compute precision."""
+    files = []
+    if os.path.isdir(model_path):
+        files = sorted(f for f in os.listdir(model_path) if f.endswith((".json", ".safetensors")))
+    stamp = [(f, os.stat(os.path.join(model_path, f)).st_size, os.stat(os.path.join(model_path, f)).st_mtime_ns)
+             for f in files]
+    return json.dumps([model_path, cfg.model.revision, str(resolve_dtype(cfg.model.dtype, device)), stamp])
+
+
 # --------------------------------------------------------------------------- the loop
 
 
-def train_dpo(cfg: Config) -> str:
-    """Train the policy adapter with DPO and save ``checkpoints/<dpo.output_name>``."""
+def train_dpo(cfg: Config) -> TrainResult:
+    """Train the policy adapter with DPO and save ``checkpoints/<dpo.output_name>``.
+
+    Returns a ``TrainResult`` (``.output_dir`` is the saved adapter).
+    """
     t = cfg.dpo
     env = dist.init_distributed(cfg.run.device)
+    layout = RunLayout.of(cfg)
     seed_everything(t.seed)
     adapter, pairs_path = resolve_inputs(cfg)
-    dirs = stage_dirs(cfg, t.output_name, "dpo")
     if env.is_main:
-        save_config(cfg, paths.resolved_config_path(cfg, "dpo"))
+        save_config(cfg, layout.config("dpo"))
 
     # ---- model, data
-    model, tokenizer, base_path = build_policy(cfg, env, adapter=adapter, trainable=True)
+    t0 = time.perf_counter()
+    model_path = ensure_model(cfg, announce=True)
+    model, tokenizer = build_policy(cfg, env, model_path, adapter=adapter, lora=None)
     examples, pair_ids, n_truncated = load_pairs(pairs_path, tokenizer, cfg.data.max_length, cfg.data.truncation)
     if t.reference == "online":
         # creating the adapter's layers draws random init weights: keep them off the RNG
@@ -233,24 +225,18 @@ def train_dpo(cfg: Config) -> str:
         model.base_model.set_adapter("default", inference_mode=False)
     model = shard(model, env, t.activation_checkpointing)
     pad_id = tokenizer.pad_token_id
+    phases = {"setup": time.perf_counter() - t0}
 
-    # ---- reference log-probs: the policy is still exactly the SFT adapter here
-    # the same adapter on another base model, or in another precision, is another reference
-    model_id = json.dumps([
-        cfg.model.name_or_path, cfg.model.revision, str(resolve_dtype(cfg.model.dtype, env.device)),
-        dataclasses.asdict(cfg.model.tiny) if cfg.model.name_or_path == "tiny" else None,
-    ])
+    # ---- reference log-probs: the policy is still exactly the starting adapter here
+    t0 = time.perf_counter()
+    model_id = reference_model_id(cfg, model_path, env.device)
     key = reference_cache_key(pairs_path, adapter, tokenizer, cfg.data.max_length, cfg.data.truncation, model_id)
-    resume_from = checkpoint.find_resume_state(t.resume, dirs["resume"])
-    if resume_from is not None:
-        check_resume_key(resume_from, key)
-    ref = None
+    ref, reference = None, None
     if t.reference == "precomputed":
-        ref = cached_reference(
-            os.path.join(cfg.run.output_dir, "cache"), key,
-            lambda: reference_pass(model, examples, t.batch_size, pad_id, env),
+        ref, reference = cached_reference(
+            layout.reference_cache(key), lambda: reference_pass(model, examples, t.batch_size, pad_id, env),
         )
-    train_idx, val_idx = split_val(list(range(len(examples))), t.val_size, t.seed)
+    train_idx, val_idx = split_val(list(range(len(examples))), t.val_size, cfg.run.seed, "dpo.val_size")
     val = [examples[i] for i in val_idx]
     val_ref = ref[val_idx] if ref is not None and val_idx else None
     if t.reference == "online" and val_idx:
@@ -258,38 +244,38 @@ def train_dpo(cfg: Config) -> str:
             val_ref = reference_pass(model, val, t.batch_size, pad_id, env)
     train = [examples[i] for i in train_idx]
     train_ref = ref[train_idx] if ref is not None else None
+    phases["reference"] = time.perf_counter() - t0
 
     # ---- optimizer, schedule, resume
+    t0 = time.perf_counter()
     params = trainable_params(model)
-    optimizer = build_optimizer(params, t, env.device)
     batches = MicroBatches([e.length for e in train], t.batch_size, t.grad_accum * env.world_size, t.seed)
     n_steps = total_steps(t, batches.steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, n_steps))
-    step, tokens_seen, last_ckpt = 0, 0, None
-    if resume_from is not None:
-        state = checkpoint.load_resume_state(resume_from, model, optimizer, trainable_only=True)
-        scheduler.load_state_dict(state["scheduler"])
-        step, tokens_seen, last_ckpt = state["step"], state["tokens_seen"], resume_from
-    metrics = MetricsLog(paths.metrics_path(cfg, "dpo"), resume_step=step)
+    loop = TrainLoop(
+        model=model, params=params, t=t, env=env, n_steps=n_steps, resume_dir=layout.resume(t.output_name),
+        metrics_path=layout.metrics("dpo"), desc="dpo", trainable_only=True, show_progress=cfg.run.progress,
+        identity={"reference_key": key},
+    )
     if env.is_main:
         print(
             f"[dpo] {len(train)} train / {len(val)} val pairs ({n_truncated} truncated), {n_steps} steps of "
             f"{t.batch_size}x{t.grad_accum}x{env.world_size} pairs, reference {t.reference} (key {key}), "
-            f"adapter {adapter}" + (f", resuming at step {step}" if step else "")
+            f"adapter {adapter}" + (f", resuming at step {loop.step}" if loop.step else "")
         )
+    phases["setup"] += time.perf_counter() - t0
 
-    bar = progress(n_steps, "dpo", cfg.run.progress, initial=step)
-    clock = Throughput()
+    t0 = time.perf_counter()
     model.train()
-    while step < n_steps:
-        micro = batches.for_rank(step, env.rank, env.world_size)
+    while not loop.done:
+        micro = batches.for_rank(loop.step, env.rank, env.world_size)
         global_pairs = dist.all_reduce_sum(torch.tensor(float(sum(map(len, micro))), device=env.device))
         sums = {k: torch.zeros((), device=env.device) for k in ("loss", "nll", *METRIC_KEYS)}
-        local_tokens = 0
+        local_tokens, positions = 0, 0
         for i, idx in enumerate(micro):
             rows = [train[j] for j in idx]
             batch = {k: v.to(env.device) for k, v in collate_pairs(rows, pad_id).items()}
             local_tokens += int(batch["attention_mask"].sum())
+            positions += batch["input_ids"].numel()
             if t.reference == "online":
                 with reference_adapter(model):
                     ref_c, ref_r = concat_logps(model, batch, len(idx))
@@ -307,38 +293,22 @@ def train_dpo(cfg: Config) -> str:
             for k, v in preference_metrics(cr, rr, pol_c, pol_r).items():
                 sums[k] += v.sum()
         # one collective and one device sync for all the step's metrics
-        rec = dict(zip(sums, (dist.all_reduce_sum(torch.stack(list(sums.values()))) / global_pairs).tolist()))
-        check_finite(rec["loss"], step + 1, "loss", last_ckpt)
-        grad_norm = dist.clip_grad_norm(params, t.max_grad_norm).item()
-        check_finite(grad_norm, step + 1, "gradient norm", last_ckpt)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        step += 1
-
-        step_tokens = int(dist.all_reduce_sum(torch.tensor(float(local_tokens), device=env.device)).item())
-        tokens_seen += step_tokens
-        rec.update(step=step, lr=lr, grad_norm=grad_norm, tokens=tokens_seen, tokens_per_s=clock.step(step_tokens))
-        if val and ((t.eval_every and step % t.eval_every == 0) or step == n_steps):
+        means = dict(zip(sums, (dist.all_reduce_sum(torch.stack(list(sums.values()))) / global_pairs).tolist()))
+        rec = loop.optimizer_step(means.pop("loss"), local_tokens, positions)
+        rec.update(means)
+        if loop.eval_due(bool(val)):
             rec.update(eval_pairs(model, val, val_ref, t.batch_size, pad_id, env, t.beta, t.label_smoothing))
-            clock.reset()
-        if step % t.log_every == 0 or step == n_steps:
-            metrics.log(rec)
-        bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['rewards/accuracies']:.2f}", margin=f"{rec['rewards/margins']:.3f}")
-        bar.update(1)
+        postfix = {"loss": f"{rec['loss']:.4f}", "acc": f"{rec['rewards/accuracies']:.2f}",
+                   "margin": f"{rec['rewards/margins']:.3f}"}
+        loop.finish_step(rec, postfix)
+    loop.close()
+    phases["steps"] = time.perf_counter() - t0
 
-        if (t.save_every and step % t.save_every == 0) or step == n_steps:
-            trainer_state = {"scheduler": scheduler.state_dict(), "tokens_seen": tokens_seen, "reference_key": key}
-            last_ckpt = checkpoint.save_resume_state(
-                dirs["resume"], step, model, optimizer, trainer_state, trainable_only=True, keep_last=t.keep_last
-            )
-            clock.reset()
-    bar.close()
-    metrics.close()
-
-    info = {"stage": "dpo", "steps": step, "base_model": base_path, "sft_adapter": adapter, "beta": t.beta}
-    checkpoint.save_adapter(model, tokenizer, dirs["out"], extra=info, adapter_name="default")
+    t0 = time.perf_counter()
+    out_dir = layout.checkpoint(t.output_name)
+    info = {"stage": "dpo", "steps": loop.step, "base_model": model_path, "sft_adapter": adapter, "beta": t.beta}
+    checkpoint.save_adapter(model, tokenizer, out_dir, extra=info, adapter_name="default")
+    phases["save"] = time.perf_counter() - t0
     if env.is_main:
-        print(f"[dpo] saved {dirs['out']}")
-    return dirs["out"]
+        print(f"[dpo] saved {out_dir}")
+    return loop.result(out_dir, phases=phases, reference=reference)

@@ -9,14 +9,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from fractions import Fraction
 from typing import Optional, Sequence
 
-from looper.config import Config, ConfigError, save_config
-from looper.io import DataError, read_jsonl, write_json_atomic
+from looper.config import Config, save_config
+from looper.io import DataError, read_jsonl, sha256_files, write_json_atomic, write_text_atomic
+from looper.layout import RunLayout, resolve_adapter as resolve_adapter_spec
 
 EVAL_SUFFIX = "_eval.jsonl"
 
@@ -76,22 +76,18 @@ def summarize_eval(records: Sequence[dict]) -> dict:
 
 
 def resolve_adapter(cfg: Config) -> tuple[Optional[str], str]:
-    """``(adapter path or None, label)`` from ``cfg.eval.adapter``; a missing folder is a ConfigError."""
-    from looper.models import check_adapter_dir
-    from looper.paths import checkpoint_dir
+    """``(adapter path or None, label)`` from ``cfg.eval.adapter`` (the spellings of
+    ``looper.layout.resolve_adapter``); a missing folder is a ConfigError.
 
-    raw = cfg.eval.adapter
-    if raw is None or str(raw).strip().lower() in ("", "none", "null", "base"):
+    The label names the output: ``base``, ``sft``, ``dpo``, or the adapter folder's name.
+    """
+    path = resolve_adapter_spec(RunLayout.of(cfg), cfg.eval.adapter, "eval.adapter")
+    if path is None:
         return None, "base"
-    key = str(raw).strip()
-    if key.lower() in ("sft", "dpo"):
-        name = cfg.sft.output_name if key.lower() == "sft" else cfg.dpo.output_name
-        path, label = checkpoint_dir(cfg, name), key.lower()
-    else:
-        path = os.path.expanduser(key)
-        label = os.path.basename(os.path.normpath(path)) or "adapter"
-    check_adapter_dir(path, what=f"eval.adapter={raw!r}")
-    return path, label
+    key = str(cfg.eval.adapter).strip().lower()
+    if key in ("sft", "dpo"):
+        return path, key
+    return path, os.path.basename(os.path.normpath(path)) or "adapter"
 
 
 def _dataset_tag(source: Optional[str]) -> str:
@@ -113,23 +109,14 @@ def _dataset_tag(source: Optional[str]) -> str:
 def eval_name(cfg: Config, adapter_label: str) -> str:
     """``cfg.eval.name``, else the adapter label, suffixed with the dataset when eval.dataset is set."""
     if cfg.eval.name:
-        name = cfg.eval.name
-        if os.sep in name or name in (".", ".."):
-            raise ConfigError(f"eval.name must be a plain file name, got {name!r}")
-        return name
+        return cfg.eval.name  # a plain file name (checked when the config loads)
     if cfg.eval.dataset is None:
         return adapter_label
     return f"{adapter_label}_{_dataset_tag(cfg.eval.dataset)}"
 
 
 def _file_digest(paths: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        if os.path.isfile(p):
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()[:16]
+    return sha256_files(paths)[:16]
 
 
 def _adapter_digest(path: Optional[str]) -> Optional[str]:
@@ -185,10 +172,10 @@ def evaluate(cfg: Config) -> dict:
     """
     from looper import dist
     from looper.data.gsm8k import format_prompt
-    from looper.generation import generation_meta, load_for_generation, run_generation
-    from looper.models import base_model_path
-    from looper.paths import outputs_dir, resolved_config_path
+    from looper.generation import generation_meta, run_generation
+    from looper.models import ensure_model, load_for_generation
 
+    layout = RunLayout.of(cfg)
     adapter_path, adapter_label = resolve_adapter(cfg)  # before anything is touched
     name = eval_name(cfg, adapter_label)
     questions, source = load_eval_questions(cfg)
@@ -196,9 +183,9 @@ def evaluate(cfg: Config) -> dict:
         q["prompt"] = format_prompt(q["question"], cfg.data.prompt_template)
 
     env = dist.init_distributed(cfg.run.device)
-    out_jsonl = os.path.join(outputs_dir(cfg), f"{name}{EVAL_SUFFIX}")
+    out_jsonl = layout.eval_records(name)
+    model_path = ensure_model(cfg, announce=True)
     model, tokenizer = load_for_generation(cfg, adapter_path, env.device)
-    model_path = base_model_path(cfg)
     meta = generation_meta(
         cfg.eval.generation, 1,
         dataset=source, prompt_template=cfg.data.prompt_template, model=cfg.model.name_or_path,
@@ -219,8 +206,8 @@ def evaluate(cfg: Config) -> dict:
         "eval_file": out_jsonl,
     }
     if env.is_main:
-        write_json_atomic(os.path.join(outputs_dir(cfg), f"{name}_eval.json"), summary)
-        save_config(cfg, resolved_config_path(cfg, f"eval_{name}"))
+        write_json_atomic(layout.eval_summary(name), summary)
+        save_config(cfg, layout.config(f"eval_{name}"))
         lo, hi = summary["ci95"]
         print(
             f"eval {name}: accuracy {summary['accuracy']:.4f} ({summary['correct']}/{summary['n']}, "
@@ -282,11 +269,12 @@ def compare(files: Sequence[str], markdown_path: Optional[str] = None) -> dict:
             "name": _run_name(path), "file": path, "n": len(ids), "correct": k, "accuracy": k / len(ids),
             "ci95": [lo, hi], "fixes": fixes, "breaks": breaks, "mcnemar_p": mcnemar_exact(len(fixes), len(breaks)),
         })
+    # beside the baseline file by default (a run's outputs/compare.md for the pipeline's files)
     md_path = markdown_path or os.path.join(os.path.dirname(os.path.abspath(files[0])), "compare.md")
     result = {"baseline": table[0]["name"], "n": len(ids), "note": note, "runs": table, "markdown": md_path}
     text = _markdown(result)
     print(text, end="")
-    _write_text_atomic(md_path, text)
+    write_text_atomic(md_path, text)
     return result
 
 
@@ -317,12 +305,3 @@ def _id_list(ids: list[str], limit: int = 50) -> str:
         return "none"
     shown = ", ".join(f"`{q}`" for q in ids[:limit])
     return shown + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-

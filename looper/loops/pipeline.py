@@ -16,103 +16,65 @@ import shutil
 import time
 from typing import Optional, Sequence
 
-from looper import dist, paths
-from looper.config import Config, ConfigError, save_config
-from looper.io import write_json_atomic
-from looper.models import TINY
+from looper import dist
+from looper.config import Config, ConfigError, EvalConfig, save_config
+from looper.io import DataError, write_json_atomic
+from looper.layout import RunLayout, stage_outputs
 
 STAGES = ("base", "sft", "rollout", "prefs", "dpo", "eval")
+EVALUATED = (("base", None), ("sft", "sft"), ("dpo", "dpo"))  # eval name, eval.adapter
 
 
-def _state_path(cfg: Config) -> str:
-    return os.path.join(cfg.run.output_dir, "pipeline_state.json")
-
-
-def _read_state(cfg: Config) -> dict:
-    path = _state_path(cfg)
+def _read_state(layout: RunLayout) -> dict:
+    path = layout.pipeline_state
     if not os.path.exists(path):
         return {"completed": {}}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or not isinstance(state.get("completed"), dict):
+            raise ValueError("expected {\"completed\": {stage: ...}}")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(
+            f"{path}: corrupted pipeline state ({e}); delete it to rerun every stage (finished stages "
+            "then resume or skip from their own outputs), or restore it"
+        ) from None
+    return state
 
 
-def _mark_done(cfg: Config, stage: str, seconds: float, **info) -> None:
+def _mark_done(layout: RunLayout, stage: str, seconds: float, **info) -> None:
     if dist.is_main():
-        state = _read_state(cfg)
+        state = _read_state(layout)
         state["completed"][stage] = {"seconds": round(seconds, 1), **info}
-        write_json_atomic(_state_path(cfg), state)
+        write_json_atomic(layout.pipeline_state, state)
     dist.barrier()
 
 
-def _stage_outputs(cfg: Config, stage: str) -> list[str]:
-    """What a stage writes (outputs and resume states); removed when the stage is forced."""
-    import glob
-
-    from looper.loops.common import stage_dirs
-
-    def both(name: str, st: str) -> list[str]:
-        d = stage_dirs(cfg, name, st)
-        return [d["out"], d["resume"]]
-
-    roll = paths.rollouts_path(cfg)
-    prefs = paths.preferences_path(cfg)
-    return {
-        "base": both("base", "base"),
-        "sft": both(cfg.sft.output_name, "sft"),
-        "rollout": [roll, f"{roll}.meta.json", *glob.glob(glob.escape(roll) + ".rank*.partial")],
-        "prefs": [prefs],
-        "dpo": both(cfg.dpo.output_name, "dpo"),
-        "eval": [paths.outputs_dir(cfg)],
-    }[stage]
-
-
-def _forget(cfg: Config, stages: Sequence[str]) -> None:
+def _forget(layout: RunLayout, stages: Sequence[str]) -> None:
     """Drop the record and the outputs of ``stages`` (rank 0), so they run from scratch."""
     if dist.is_main():
-        state = _read_state(cfg)
+        state = _read_state(layout)
         for stage in stages:
             state["completed"].pop(stage, None)
-            for path in _stage_outputs(cfg, stage):
+            for path in stage_outputs(layout, stage):
                 if os.path.isdir(path):
                     shutil.rmtree(path)
                 elif os.path.exists(path):
                     os.remove(path)
-        if os.path.exists(_state_path(cfg)):
-            write_json_atomic(_state_path(cfg), state)
+        if os.path.exists(layout.pipeline_state):
+            write_json_atomic(layout.pipeline_state, state)
     dist.barrier()
 
 
-def base_stage_config(cfg: Config) -> Config:
-    """The tiny model's base training: the SFT loop in full fine-tuning mode."""
-    bt = dataclasses.replace(cfg.base_train, output_name="base", init_adapter=None)
-    return dataclasses.replace(cfg, lora=None, sft=bt)
-
-
-def after_base(cfg: Config) -> Config:
-    """Later stages start from the base-trained model when there is a base stage."""
-    if not uses_base_stage(cfg):
-        return cfg
-    model = dataclasses.replace(cfg.model, name_or_path=paths.checkpoint_dir(cfg, "base"))
-    return dataclasses.replace(cfg, model=model)
-
-
-def uses_base_stage(cfg: Config) -> bool:
-    return cfg.model.name_or_path == TINY and cfg.base_train is not None
-
-
-def stage_config(cfg: Config, announce: bool = False) -> Config:
-    """The config a single stage command runs with: after the tiny base stage has run,
-    stages start from its output, as they do inside the pipeline."""
-    if not uses_base_stage(cfg):
-        return cfg
-    if os.path.isfile(os.path.join(paths.checkpoint_dir(cfg, "base"), "config.json")):
-        return after_base(cfg)
-    if announce and dist.is_main():
-        print(
-            "[looper] note: the tiny model's base stage has not run in this output folder, so this "
-            "stage uses the untrained tiny model; `looper pipeline --stages base` runs it"
-        )
-    return cfg
+def _check_pipeline_settings(cfg: Config) -> None:
+    """Settings the pipeline sets itself: giving them would be silently overwritten."""
+    default = EvalConfig()
+    for key in ("adapter", "name"):
+        if getattr(cfg.eval, key) != getattr(default, key):
+            raise ConfigError(
+                f"eval.{key}={getattr(cfg.eval, key)!r}: the pipeline evaluates base, sft and dpo itself and "
+                f"names their outputs; eval.{key} is for `looper eval`"
+            )
 
 
 def run_pipeline(cfg: Config, stages: Optional[Sequence[str]] = None, force: Sequence[str] = ()) -> dict:
@@ -127,19 +89,20 @@ def run_pipeline(cfg: Config, stages: Optional[Sequence[str]] = None, force: Seq
     for s in list(selected) + list(force):
         if s not in STAGES:
             raise ConfigError(f"unknown pipeline stage '{s}'; the stages are {', '.join(STAGES)}")
+    _check_pipeline_settings(cfg)
+    layout = RunLayout.of(cfg)
     env = dist.init_distributed(cfg.run.device)
     if force:
         first = min(STAGES.index(s) for s in force)
-        _forget(cfg, STAGES[first:])
+        _forget(layout, STAGES[first:])
     if env.is_main:
-        save_config(cfg, paths.resolved_config_path(cfg, "pipeline"))
-    done = _read_state(cfg)["completed"]
+        save_config(cfg, layout.config("pipeline"))
+    done = _read_state(layout)["completed"]
     t_start = time.time()
-    stage_cfg = after_base(cfg)
     summary: dict = {}
 
     for stage in STAGES:
-        if stage not in selected or (stage == "base" and not uses_base_stage(cfg)):
+        if stage not in selected or (stage == "base" and not layout.has_base_stage):
             continue
         if stage in done:
             if env.is_main:
@@ -149,30 +112,25 @@ def run_pipeline(cfg: Config, stages: Optional[Sequence[str]] = None, force: Seq
             print(f"[pipeline] {stage}: running")
         t0 = time.time()
         if stage == "base":
-            train_sft(base_stage_config(cfg), stage="base")
+            train_sft(cfg, stage="base")
         elif stage == "sft":
-            train_sft(stage_cfg, stage="sft")
+            train_sft(cfg)
         elif stage == "rollout":
-            collect_rollouts(stage_cfg)
+            collect_rollouts(cfg)
         elif stage == "prefs":
             if env.is_main:
-                build_preference_file(stage_cfg)
+                build_preference_file(cfg)
             dist.barrier()
         elif stage == "dpo":
-            train_dpo(stage_cfg)
+            train_dpo(cfg)
         elif stage == "eval":
-            files = {}
-            for name, adapter in (("base", None), ("sft", "sft"), ("dpo", "dpo")):
-                ecfg = dataclasses.replace(stage_cfg, eval=dataclasses.replace(stage_cfg.eval, name=name, adapter=adapter))
-                evaluate(ecfg)
-                files[name] = os.path.join(paths.outputs_dir(cfg), f"{name}_eval.jsonl")
+            for name, adapter in EVALUATED:
+                evaluate(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, name=name, adapter=adapter)))
             if env.is_main:
-                summary = compare(
-                    [files["sft"], files["base"], files["dpo"]],
-                    markdown_path=os.path.join(paths.outputs_dir(cfg), "compare.md"),
-                )
+                files = {name: layout.eval_records(name) for name, _ in EVALUATED}
+                summary = compare([files["sft"], files["base"], files["dpo"]], markdown_path=layout.compare_markdown)
             dist.barrier()
-        _mark_done(cfg, stage, time.time() - t0)
+        _mark_done(layout, stage, time.time() - t0)
 
     if env.is_main and "eval" in selected:
         from looper.report import write_report

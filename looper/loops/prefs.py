@@ -5,11 +5,9 @@ No torch here: this stage runs on any machine with numpy, and ``looper prefs`` s
 
 from __future__ import annotations
 
-import os
-
-from looper import paths
 from looper.config import Config, save_config
 from looper.io import DataError, iter_jsonl, write_json_atomic, write_jsonl_atomic
+from looper.layout import RunLayout
 from looper.regime_w.preferences import (
     build_preferences,
     check_rollout_record,
@@ -79,24 +77,25 @@ def _why_no_pairs(cfg: Config, summary: dict) -> str:
 
 
 def build_preference_file(cfg: Config) -> dict:
-    """Read ``paths.rollouts_path(cfg)``, build the pairs (``cfg.prefs``, prompts from
-    ``cfg.data.prompt_template`` unless a record carries its own ``prompt``), write
-    ``paths.preferences_path(cfg)`` atomically, print and return the summary, and save the
+    """Read the run's rollouts (``RunLayout.rollouts``), build the pairs (``cfg.prefs``,
+    prompts from ``cfg.data.prompt_template`` unless a record carries its own ``prompt``),
+    write ``RunLayout.preferences`` atomically, print and return the summary, and save the
     resolved config under ``configs/prefs.yaml``.
 
     Raises ``DataError`` for bad rollouts or zero pairs; nothing is written then.
     """
-    src = paths.rollouts_path(cfg)
-    dst = paths.preferences_path(cfg)
+    layout = RunLayout.of(cfg)
+    src = layout.rollouts()
+    dst = layout.preferences()
     records = read_rollouts(src)
     pairs = build_preferences(records, cfg.prefs, prompt_template=cfg.data.prompt_template)
     summary = summarize(records, pairs, bins=cfg.prefs.hist_bins)
     if not pairs:
         raise DataError(f"{src}: {_why_no_pairs(cfg, summary)}")
     write_jsonl_atomic(dst, pairs)
-    save_config(cfg, paths.resolved_config_path(cfg, "prefs"))
+    save_config(cfg, layout.config("prefs"))
     summary = {**summary, "rollouts_path": src, "preferences_path": dst}
-    write_json_atomic(os.path.join(os.path.dirname(dst), "preferences_summary.json"), summary)
+    write_json_atomic(layout.preferences_summary(), summary)
     print(format_summary(summary))
     print(f"wrote {len(pairs)} pairs to {dst}")
     return summary

@@ -8,30 +8,25 @@ write identical files and a killed run finishes where it stopped.
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 
-from looper import dist, paths
-from looper.config import Config, ConfigError, save_config
+from looper import dist
+from looper.config import Config, save_config
 from looper.data.gsm8k import extract_answer, format_prompt, is_correct, load_questions
-from looper.generation import generation_meta, load_for_generation, run_generation
+from looper.generation import generation_meta, run_generation
 from looper.io import DataError, write_json_atomic
+from looper.layout import RunLayout, resolve_adapter
+from looper.models import load_for_generation
 from looper.regime_w import answer_key, score_group, trajectory_rewards
 
 
 def resolve_policy_adapter(cfg: Config):
-    """``rollout.adapter``: auto = checkpoints/sft_lora; none = the base model; or a path."""
-    from looper.models import check_adapter_dir
-
-    adapter = cfg.rollout.adapter
-    if adapter in (None, "none"):
-        return None
-    if adapter == "auto":
-        adapter = paths.checkpoint_dir(cfg, "sft_lora")
-    check_adapter_dir(adapter, "rollout.adapter (the SFT policy)")
-    return adapter
+    """``rollout.adapter``: ``auto`` = the SFT adapter; ``none`` = the base model; ``sft``,
+    ``dpo`` or a path (``looper.layout.resolve_adapter``)."""
+    layout = RunLayout.of(cfg)
+    return resolve_adapter(layout, cfg.rollout.adapter, "rollout.adapter", auto=layout.sft_adapter)
 
 
 def make_rollout_record(question: dict, samples: list[dict], cfg: Config) -> dict:
@@ -121,8 +116,7 @@ def format_rollout_summary(s: dict) -> str:
 def collect_rollouts(cfg: Config) -> dict:
     """Sample, grade and score; write ``data/rollouts.jsonl``; return the summary."""
     r = cfg.rollout
-    if r.k < 1:
-        raise ConfigError(f"rollout.k must be >= 1, got {r.k}")
+    layout = RunLayout.of(cfg)
     env = dist.init_distributed(cfg.run.device)
     adapter = resolve_policy_adapter(cfg)
     source = r.dataset if r.dataset is not None else cfg.data.train
@@ -134,10 +128,10 @@ def collect_rollouts(cfg: Config) -> dict:
     for q in questions:
         q["prompt"] = format_prompt(q["question"], cfg.data.prompt_template)
     if env.is_main:
-        save_config(cfg, paths.resolved_config_path(cfg, "rollout"))
+        save_config(cfg, layout.config("rollout"))
 
     model, tokenizer = load_for_generation(cfg, adapter, env.device)
-    out_path = paths.rollouts_path(cfg)
+    out_path = layout.rollouts()
     meta = generation_meta(r.generation, r.k, model=cfg.model.name_or_path, adapter=adapter, stage="rollout")
     t0 = time.perf_counter()
     records = run_generation(
@@ -148,6 +142,6 @@ def collect_rollouts(cfg: Config) -> dict:
     summary = rollout_summary(records, cfg.regime_w.max_number_digits)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     if env.is_main:
-        write_json_atomic(os.path.join(os.path.dirname(out_path), "rollouts_summary.json"), summary)
+        write_json_atomic(layout.rollouts_summary(), summary)
         print(format_rollout_summary(summary))
     return summary

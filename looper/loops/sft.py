@@ -8,35 +8,40 @@ all ranks), so it does not depend on how the global batch is split.
 
 from __future__ import annotations
 
+import time
+from typing import Optional
 
 import torch
 
-from looper import checkpoint, dist, paths
-from looper.config import Config, save_config
+from looper import checkpoint, dist
+from looper.config import Config, ConfigError, LoraConfig, TrainConfig, save_config
 from looper.data.gsm8k import format_completion, format_prompt, load_questions
 from looper.data.tokenize import Encoded, MicroBatches, collate, encode_sft_rows
 from looper.io import DataError
+from looper.layout import RunLayout, resolve_adapter
 from looper.losses.sft import masked_cross_entropy
 from looper.loops.common import (
+    TrainLoop,
+    TrainResult,
     accepts_logits_to_keep,
-    build_optimizer,
     build_policy,
-    check_finite,
     equal_shards,
     loss_logits,
-    lr_lambda,
     seed_everything,
     shard,
     split_val,
-    stage_dirs,
     total_steps,
     trainable_params,
 )
-from looper.metrics import MetricsLog, Throughput, progress
+from looper.models import ensure_model
+
+STAGES = ("sft", "base")
 
 
-def load_sft_examples(cfg: Config, tokenizer) -> tuple[list[Encoded], list[Encoded], int]:
-    """Tokenized train and held-out examples, and how many rows were truncated."""
+def load_sft_examples(cfg: Config, tokenizer, val_size: Optional[int] = None) -> tuple[list[Encoded], list[Encoded], int]:
+    """Tokenized train and held-out examples (``val_size``, default ``sft.val_size``), and how
+    many rows were truncated."""
+    val_size = cfg.sft.val_size if val_size is None else val_size
     rows = load_questions(cfg.data.train, "train", cfg.data)
     texts = [
         {
@@ -46,7 +51,7 @@ def load_sft_examples(cfg: Config, tokenizer) -> tuple[list[Encoded], list[Encod
         }
         for r in rows
     ]
-    train_rows, val_rows = split_val(texts, cfg.data.val_size, cfg.run.seed)
+    train_rows, val_rows = split_val(texts, val_size, cfg.run.seed)
     train, n_trunc = encode_sft_rows(tokenizer, train_rows, cfg.data.max_length, cfg.data.truncation)
     val, n_trunc_val = encode_sft_rows(tokenizer, val_rows, cfg.data.max_length, cfg.data.truncation)
     if not train:
@@ -72,102 +77,97 @@ def eval_loss(
     return (dist.all_reduce_sum(loss_sum) / dist.all_reduce_sum(tokens).clamp(min=1)).item()
 
 
-def train_sft(cfg: Config, stage: str = "sft") -> str:
-    """Train and save ``checkpoints/<sft.output_name>``; returns that folder.
+def stage_settings(cfg: Config, stage: str) -> tuple[TrainConfig, Optional[LoraConfig], Optional[str], str, str]:
+    """``(train settings, LoRA, starting adapter, output name, model)`` of an SFT-loop stage.
 
-    ``stage`` names the metrics file (``metrics/<stage>.jsonl``) and the saved config.
+    ``sft``: LoRA (or full fine-tuning with ``lora: null``) on the layout's base model.
+    ``base``: the tiny pipeline's base stage, full fine-tuning of the freshly built tiny
+    model with ``base_train``, saved as ``checkpoints/base``.
     """
-    t = cfg.sft
-    env = dist.init_distributed(cfg.run.device)
-    seed_everything(t.seed)
-    dirs = stage_dirs(cfg, t.output_name, stage)
-    full_ft = cfg.lora is None and t.init_adapter is None
-    if env.is_main:
-        save_config(cfg, paths.resolved_config_path(cfg, stage))
+    if stage not in STAGES:
+        raise ConfigError(f"train_sft: unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    if stage == "base":
+        if cfg.base_train is None:
+            raise ConfigError("the base stage needs a base_train section")
+        return cfg.base_train, None, None, "base", ensure_model(cfg, for_base_stage=True)
+    layout = RunLayout.of(cfg)
+    init = resolve_adapter(layout, cfg.sft.init_adapter, "sft.init_adapter")
+    return cfg.sft, cfg.lora, init, cfg.sft.output_name, ensure_model(cfg, announce=True)
 
-    # ---- model, data, optimizer
-    model, tokenizer, base_path = build_policy(cfg, env, adapter=t.init_adapter, trainable=True)
-    train, val, n_truncated = load_sft_examples(cfg, tokenizer)
+
+def train_sft(cfg: Config, stage: str = "sft") -> TrainResult:
+    """Train and save ``checkpoints/<sft.output_name>`` (``checkpoints/base`` for the base stage).
+
+    Returns a ``TrainResult`` (``.output_dir`` is the saved folder). ``stage`` names the
+    metrics file (``metrics/<stage>.jsonl``) and the saved config.
+    """
+    env = dist.init_distributed(cfg.run.device)
+    layout = RunLayout.of(cfg)
+    t, lora, init_adapter, name, model_path = stage_settings(cfg, stage)
+    seed_everything(t.seed)
+    full_ft = lora is None and init_adapter is None
+    if env.is_main:
+        save_config(cfg, layout.config(stage))
+
+    # ---- model, data
+    t0 = time.perf_counter()
+    model, tokenizer = build_policy(cfg, env, model_path, adapter=init_adapter, lora=lora)
+    train, val, n_truncated = load_sft_examples(cfg, tokenizer, t.val_size)
     trim = accepts_logits_to_keep(model)  # skip the LM head on the shared prompt prefix
     model = shard(model, env, t.activation_checkpointing)
     params = trainable_params(model)
-    optimizer = build_optimizer(params, t, env.device)
     batches = MicroBatches([len(e.input_ids) for e in train], t.batch_size, t.grad_accum * env.world_size, t.seed)
     n_steps = total_steps(t, batches.steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t, n_steps))
     pad_id = tokenizer.pad_token_id
-
-    # ---- resume
-    step, tokens_seen, last_ckpt = 0, 0, None
-    resume_from = checkpoint.find_resume_state(t.resume, dirs["resume"])
-    if resume_from is not None:
-        state = checkpoint.load_resume_state(resume_from, model, optimizer, trainable_only=not full_ft)
-        scheduler.load_state_dict(state["scheduler"])
-        step, tokens_seen, last_ckpt = state["step"], state["tokens_seen"], resume_from
-    metrics = MetricsLog(paths.metrics_path(cfg, stage), resume_step=step)
+    loop = TrainLoop(
+        model=model, params=params, t=t, env=env, n_steps=n_steps, resume_dir=layout.resume(name),
+        metrics_path=layout.metrics(stage), desc=stage, trainable_only=not full_ft, show_progress=cfg.run.progress,
+    )
     if env.is_main:
         print(
             f"[{stage}] {len(train)} train / {len(val)} val examples ({n_truncated} truncated), "
             f"{n_steps} steps of {t.batch_size}x{t.grad_accum}x{env.world_size} rows, "
-            f"{sum(p.numel() for p in params):,} trainable params, base {base_path}"
-            + (f", resuming at step {step}" if step else "")
+            f"{sum(p.numel() for p in params):,} trainable params, base {model_path}"
+            + (f", resuming at step {loop.step}" if loop.step else "")
         )
+    phases = {"setup": time.perf_counter() - t0}
 
     # ---- loop
-    bar = progress(n_steps, stage, cfg.run.progress, initial=step)
-    clock = Throughput()
+    t0 = time.perf_counter()
     model.train()
-    while step < n_steps:
-        micro = [[train[i] for i in mb] for mb in batches.for_rank(step, env.rank, env.world_size)]
+    while not loop.done:
+        micro = [[train[i] for i in mb] for mb in batches.for_rank(loop.step, env.rank, env.world_size)]
         local_tokens = sum(sum(l != -100 for l in e.labels[1:]) for mb in micro for e in mb)
         global_tokens = dist.all_reduce_sum(torch.tensor(float(local_tokens), device=env.device))
         loss_sum = torch.zeros((), device=env.device)
+        positions = 0
         for i, rows in enumerate(micro):
             dist.set_grad_sync(model, i == len(micro) - 1)
             batch = {k: v.to(env.device) for k, v in collate(rows, pad_id).items()}
+            positions += batch["input_ids"].numel()
             s, _ = masked_cross_entropy(*loss_logits(model, batch, trim))
             # FSDP averages gradients over ranks; scale by world size so the result is
             # the gradient of (global loss sum / global token count).
             (s * env.world_size / global_tokens).backward()
             loss_sum += s.detach()
         loss = (dist.all_reduce_sum(loss_sum) / global_tokens).item()
-        check_finite(loss, step + 1, "loss", last_ckpt)
-        grad_norm = dist.clip_grad_norm(params, t.max_grad_norm).item()
-        check_finite(grad_norm, step + 1, "gradient norm", last_ckpt)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        step += 1
-
-        local_all = float(sum(len(e.input_ids) for mb in micro for e in mb))
-        step_tokens = int(dist.all_reduce_sum(torch.tensor(local_all, device=env.device)).item())
-        tokens_seen += step_tokens
-        rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
-               "completion_tokens": int(global_tokens.item()), "tokens_per_s": clock.step(step_tokens)}
-        if (t.eval_every and step % t.eval_every == 0 or step == n_steps) and val:
+        rec = loop.optimizer_step(loss, sum(len(e.input_ids) for mb in micro for e in mb), positions)
+        rec["completion_tokens"] = int(global_tokens.item())
+        if loop.eval_due(bool(val)):
             rec["eval_loss"] = eval_loss(model, val, t.batch_size, pad_id, env, trim)
-            clock.reset()
-        if step % t.log_every == 0 or step == n_steps or "eval_loss" in rec:
-            metrics.log(rec)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        bar.update(1)
-
-        if (t.save_every and step % t.save_every == 0) or step == n_steps:
-            trainer_state = {"scheduler": scheduler.state_dict(), "tokens_seen": tokens_seen}
-            last_ckpt = checkpoint.save_resume_state(
-                dirs["resume"], step, model, optimizer, trainer_state, trainable_only=not full_ft, keep_last=t.keep_last
-            )
-            clock.reset()
-    bar.close()
-    metrics.close()
+        loop.finish_step(rec, postfix={"loss": f"{loss:.4f}", "tok_s": f"{rec['tokens_per_s']:.0f}"})
+    loop.close()
+    phases["steps"] = time.perf_counter() - t0
 
     # ---- output
-    info = {"stage": stage, "steps": step, "base_model": base_path, "tokens_seen": tokens_seen}
+    t0 = time.perf_counter()
+    out_dir = layout.checkpoint(name)
+    info = {"stage": stage, "steps": loop.step, "base_model": model_path, "tokens_seen": loop.tokens_seen}
     if full_ft:
-        checkpoint.save_full_model(model, tokenizer, dirs["out"])
+        checkpoint.save_full_model(model, tokenizer, out_dir)
     else:
-        checkpoint.save_adapter(model, tokenizer, dirs["out"], extra=info)
+        checkpoint.save_adapter(model, tokenizer, out_dir, extra=info)
+    phases["save"] = time.perf_counter() - t0
     if env.is_main:
-        print(f"[{stage}] saved {dirs['out']}")
-    return dirs["out"]
+        print(f"[{stage}] saved {out_dir}")
+    return loop.result(out_dir, phases=phases)
