@@ -66,6 +66,7 @@ class LoraConfig:
 class SyntheticConfig:
     n_train: int = 2000
     n_test: int = 200
+    n_val: int = 64  # the "val" split (disjoint from train and test)
     min_steps: int = 1
     max_steps: int = 3
     max_number: int = 20
@@ -280,7 +281,7 @@ BOUNDS: dict[type, dict[str, Check]] = {
         "max_position_embeddings": at_least(8), "corpus_size": at_least(1),
     },
     LoraConfig: {"r": at_least(1), "alpha": above(0), "dropout": between(0.0, 1.0, hi_open=True), "target_modules": TARGETS},
-    SyntheticConfig: {"n_train": at_least(1), "n_test": at_least(1), "min_steps": at_least(1), "max_number": at_least(2)},
+    SyntheticConfig: {"n_train": at_least(1), "n_test": at_least(1), "n_val": at_least(1), "min_steps": at_least(1), "max_number": at_least(2)},
     DataConfig: {"max_length": at_least(8)},
     TrainConfig: {
         "batch_size": at_least(1), "grad_accum": at_least(1), "epochs": above(0), "max_steps": STEPS_OR_EPOCHS,

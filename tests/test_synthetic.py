@@ -135,7 +135,7 @@ def test_corpus():
 
 def test_load_questions_synthetic_splits():
     # a tiny problem space, so that independent draws really do collide with train
-    cfg = DataConfig(synthetic=SyntheticConfig(n_train=3000, n_test=200, max_steps=1, max_number=2, seed=11))
+    cfg = DataConfig(synthetic=SyntheticConfig(n_train=3000, n_test=200, max_steps=1, max_number=2, seed=11, n_val=20))
     train = load_questions(None, "train", cfg)
     test = load_questions(None, "test", cfg)
     val = load_questions(None, "val", cfg)

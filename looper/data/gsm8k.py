@@ -424,7 +424,7 @@ def _synthetic_split(split: str, data_cfg: DataConfig) -> list[dict]:
         return train
     exclude = {p["question"] for p in train}
     if split == "val":
-        n = data_cfg.val_size
+        n = sc.n_val
         test = generate_problems(
             sc.n_test, seed=sc.seed + _SYNTH_SPLIT_OFFSET["test"], exclude=exclude, unique=True, **kwargs
         )
