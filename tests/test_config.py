@@ -222,6 +222,22 @@ def test_wrong_type_names_key_and_expectation(override, pattern):
         (["rollout.n_questions=0"], r"rollout\.n_questions must be -1 \(all\) or >= 1, got 0"),
         (["eval.n_questions=-2"], r"eval\.n_questions"),
         (["sft.lr=0"], r"sft\.lr must be > 0"),
+        # regression: log_every=0 was accepted and crashed on `step % 0` after a training step
+        (["sft.log_every=0"], r"sft\.log_every must be >= 1, got 0"),
+        (["dpo.log_every=0"], r"dpo\.log_every must be >= 1, got 0"),
+        (["dpo.beta=0"], r"dpo\.beta must be > 0"),
+        (["lora.alpha=0"], r"lora\.alpha must be > 0"),
+        (["lora.dropout=1.5"], r"lora\.dropout must be in \[0, 1\)"),
+        (["sft.betas=[2,3]"], r"sft\.betas must be two values in \[0, 1\)"),
+        (["sft.weight_decay=-1"], r"sft\.weight_decay must be >= 0"),
+        (["sft.eval_every=-1"], r"sft\.eval_every must be >= 0"),
+        (["dpo.save_every=-1"], r"dpo\.save_every must be >= 0"),
+        (["sft.epochs=-1"], r"sft\.epochs must be > 0"),
+        (["sft.warmup_steps=-5"], r"sft\.warmup_steps must be >= 0"),
+        (["dpo.val_size=-1"], r"dpo\.val_size must be >= 0"),
+        (["sft.min_lr_ratio=5"], r"sft\.min_lr_ratio must be in \[0, 1\]"),
+        (["sft.output_name=a/b"], r"sft\.output_name must be a plain folder or file name"),
+        (["model.tiny.num_heads=3"], r"model\.tiny: num_heads \(3\) must divide hidden_size"),
         (["sft.max_steps=0"], r"sft\.max_steps"),
         (["sft.betas=[0.9]"], r"sft\.betas must be two values in \[0, 1\)"),
         (["lora.r=0"], r"lora\.r must be >= 1"),
@@ -280,6 +296,38 @@ def test_cli_bad_value_in_config_file_names_the_file(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- save / load
+
+
+def test_keys_that_moved_or_were_removed_say_where_they_went():
+    with pytest.raises(ConfigError, match=r"data\.val_size' was moved to sft\.val_size"):
+        load_config(None, ["data.val_size=8"])
+    with pytest.raises(ConfigError, match=r"prefs\.seed' was removed"):
+        load_config(None, ["prefs.seed=1"])
+    # base_train is a plain training section: an output name there would be silently ignored
+    with pytest.raises(ConfigError, match=r"unknown config key 'base_train\.output_name'"):
+        load_config(None, ["base_train={output_name: x}"])
+
+
+def test_a_config_path_that_is_not_a_yaml_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not a file"):
+        load_config(str(tmp_path))
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    with pytest.raises(ConfigError, match="not a UTF-8 text file"):
+        load_config(str(binary))
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(listing))
+
+
+def test_sections_built_by_hand_check_their_bounds():
+    from looper.config import PrefsConfig, RegimeWConfig
+
+    with pytest.raises(ConfigError, match=r"regime_w\.lam must be >= 0"):
+        RegimeWConfig(lam=-1)
+    with pytest.raises(ConfigError, match=r"prefs\.threshold must be > 0"):
+        PrefsConfig(threshold=0)
 
 
 def test_save_config_round_trip(tmp_path):

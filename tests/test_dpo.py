@@ -538,3 +538,12 @@ def test_missing_sft_adapter_is_a_config_error(dpo_overrides, dpo_cfg, tmp_path,
         train_dpo(cfg)
     for c in (dpo_cfg(tmp_path / "run", adapter=missing), cfg):
         assert_nothing_written(c)
+
+
+def test_a_step_that_evaluated_is_logged_off_the_log_interval(dpo_cfg, tmp_path):
+    """Regression: DPO computed held-out metrics at step 5 with log_every=10 and dropped them."""
+    cfg = dpo_cfg(tmp_path / "run", dpo__max_steps=10, dpo__log_every=10, dpo__eval_every=5, dpo__val_size=4)
+    train_dpo(cfg)
+    m = metrics(cfg)
+    assert [r["step"] for r in m] == [5, 10]
+    assert all("eval/loss" in r and "eval/rewards/accuracies" in r for r in m)

@@ -500,3 +500,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(micro_cfg, t
     monkeypatch.undo()
     train_sft(cfg)  # the kept checkpoint resumes cleanly
     assert [r["step"] for r in metrics(cfg)] == list(range(1, 7))
+
+
+def test_a_step_that_evaluated_is_logged_off_the_log_interval(micro_cfg, tmp_path):
+    """SFT and DPO share the rule (TrainLoop.finish_step): a step that evaluated is logged."""
+    cfg = micro_cfg(tmp_path / "run", sft__max_steps=4, sft__log_every=4, sft__eval_every=2)
+    train_sft(cfg)
+    assert [(r["step"], "eval_loss" in r) for r in metrics(cfg)] == [(2, True), (4, True)]
