@@ -1,6 +1,6 @@
 """Regime W rollouts: ``collect_rollouts(cfg)`` samples K trajectories per question from the
 SFT policy (base + SFT adapter, merged), grades them, scores each group with Regime W and
-writes ``data/rollouts.jsonl`` (one record per question, the format in DESIGN.md).
+writes ``data/rollouts.jsonl`` (one record per question, the format in docs/design.md).
 
 Sharding, per-question seeds and resume come from the generation engine, so 1 and N ranks
 write identical files and a killed run finishes where it stopped.
