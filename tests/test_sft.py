@@ -296,7 +296,9 @@ def test_four_microbatches_of_one_equal_one_batch_of_four(micro_cfg, tmp_path, m
             rows = list(range(4 * step, 4 * step + 4))
             return [rows[i : i + self.batch_size] for i in range(0, 4, self.batch_size)]
 
-    monkeypatch.setattr(sft, "MicroBatches", FixedSchedule)
+    import looper.loops.common as common
+
+    monkeypatch.setattr(common, "MicroBatches", FixedSchedule)
     runs = {}
     for b, a in [(4, 1), (1, 4), (2, 2)]:
         cfg = micro_cfg(tmp_path / f"b{b}a{a}", sft__batch_size=b, sft__grad_accum=a, sft__max_steps=4, sft__lr=5e-3)

@@ -17,7 +17,7 @@ import torch
 
 from looper import checkpoint, dist
 from looper.config import Config, ConfigError, LoraConfig, TrainConfig
-from looper.data.tokenize import IGNORE_INDEX
+from looper.data.tokenize import IGNORE_INDEX, MicroBatches
 from looper.metrics import MetricsLog, Throughput, progress
 from looper.models import attach_lora, decoder_layers, load_adapter, load_base_model, load_tokenizer, quiet_transformers, resolve_dtype
 
@@ -193,14 +193,19 @@ class TrainLoop:
     """
 
     def __init__(
-        self, *, model, params, t: TrainConfig, env: dist.DistEnv, n_steps: int, resume_dir: str,
+        self, *, model, lengths: list[int], t: TrainConfig, env: dist.DistEnv, resume_dir: str,
         metrics_path: str, desc: str, trainable_only: bool, show_progress: bool = True,
         identity: Optional[dict] = None,
     ):
-        self.model, self.params, self.t, self.env = model, params, t, env
-        self.n_steps, self.resume_dir, self.desc, self.trainable_only = n_steps, resume_dir, desc, trainable_only
+        """``model`` is sharded; ``lengths`` are the training examples' token counts (they
+        group examples of similar length into micro-batches)."""
+        self.model, self.t, self.env = model, t, env
+        self.params = trainable_params(model)
+        self.batches = MicroBatches(lengths, t.batch_size, t.grad_accum * env.world_size, t.seed)
+        self.n_steps = n_steps = total_steps(t, self.batches.steps_per_epoch)
+        self.resume_dir, self.desc, self.trainable_only = resume_dir, desc, trainable_only
         self.identity = identity or {}  # saved in every resume state, checked on resume
-        self.optimizer = build_optimizer(params, t, env.device)
+        self.optimizer = build_optimizer(self.params, t, env.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t, n_steps))
         self.step, self.tokens_seen, self.last_ckpt = 0, 0, None
         self.resumed_from = checkpoint.find_resume_state(t.resume, resume_dir)
@@ -218,6 +223,14 @@ class TrainLoop:
     @property
     def done(self) -> bool:
         return self.step >= self.n_steps
+
+    def micro_batches(self) -> list[list[int]]:
+        """This rank's micro-batches of the coming step (example indices)."""
+        return self.batches.for_rank(self.step, self.env.rank, self.env.world_size)
+
+    @property
+    def trainable_count(self) -> int:
+        return sum(p.numel() for p in self.params)
 
     def optimizer_step(self, loss: float, local_tokens: int, local_positions: int) -> dict:
         """Finite check, clip, optimizer and scheduler step; returns the step's base record.

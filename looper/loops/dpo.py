@@ -26,22 +26,13 @@ import torch
 
 from looper import checkpoint, dist
 from looper.config import Config, ConfigError, save_config
-from looper.data.tokenize import MicroBatches, PairEncoded, collate_pairs, encode_pair
+from looper.data.tokenize import PairEncoded, collate_pairs, encode_pair
 from looper.io import DataError, iter_jsonl, sha256_files
 from looper.layout import RunLayout, resolve_adapter
 from looper.losses.dpo import chosen_nll, dpo_loss, num_completion_tokens, preference_metrics, sequence_logps
 from looper.loops.common import (
-    TrainLoop,
-    TrainResult,
-    accepts_logits_to_keep,
-    build_policy,
-    equal_shards,
-    loss_logits,
-    seed_everything,
-    shard,
-    split_val,
-    total_steps,
-    trainable_params,
+    TrainLoop, TrainResult, accepts_logits_to_keep, build_policy, equal_shards,
+    loss_logits, seed_everything, shard, split_val,
 )
 from looper.models import ensure_model, resolve_dtype
 
@@ -248,17 +239,14 @@ def train_dpo(cfg: Config) -> TrainResult:
 
     # ---- optimizer, schedule, resume
     t0 = time.perf_counter()
-    params = trainable_params(model)
-    batches = MicroBatches([e.length for e in train], t.batch_size, t.grad_accum * env.world_size, t.seed)
-    n_steps = total_steps(t, batches.steps_per_epoch)
     loop = TrainLoop(
-        model=model, params=params, t=t, env=env, n_steps=n_steps, resume_dir=layout.resume(t.output_name),
+        model=model, lengths=[e.length for e in train], t=t, env=env, resume_dir=layout.resume(t.output_name),
         metrics_path=layout.metrics("dpo"), desc="dpo", trainable_only=True, show_progress=cfg.run.progress,
         identity={"reference_key": key},
     )
     if env.is_main:
         print(
-            f"[dpo] {len(train)} train / {len(val)} val pairs ({n_truncated} truncated), {n_steps} steps of "
+            f"[dpo] {len(train)} train / {len(val)} val pairs ({n_truncated} truncated), {loop.n_steps} steps of "
             f"{t.batch_size}x{t.grad_accum}x{env.world_size} pairs, reference {t.reference} (key {key}), "
             f"adapter {adapter}" + (f", resuming at step {loop.step}" if loop.step else "")
         )
@@ -267,7 +255,7 @@ def train_dpo(cfg: Config) -> TrainResult:
     t0 = time.perf_counter()
     model.train()
     while not loop.done:
-        micro = batches.for_rank(loop.step, env.rank, env.world_size)
+        micro = loop.micro_batches()
         global_pairs = dist.all_reduce_sum(torch.tensor(float(sum(map(len, micro))), device=env.device))
         sums = {k: torch.zeros((), device=env.device) for k in ("loss", "nll", *METRIC_KEYS)}
         local_tokens, positions = 0, 0

@@ -16,22 +16,13 @@ import torch
 from looper import checkpoint, dist
 from looper.config import Config, ConfigError, LoraConfig, TrainConfig, save_config
 from looper.data.gsm8k import format_completion, format_prompt, load_questions
-from looper.data.tokenize import Encoded, MicroBatches, collate, encode_sft_rows
+from looper.data.tokenize import Encoded, collate, encode_sft_rows
 from looper.io import DataError
 from looper.layout import RunLayout, resolve_adapter
 from looper.losses.sft import masked_cross_entropy
 from looper.loops.common import (
-    TrainLoop,
-    TrainResult,
-    accepts_logits_to_keep,
-    build_policy,
-    equal_shards,
-    loss_logits,
-    seed_everything,
-    shard,
-    split_val,
-    total_steps,
-    trainable_params,
+    TrainLoop, TrainResult, accepts_logits_to_keep, build_policy, equal_shards,
+    loss_logits, seed_everything, shard, split_val,
 )
 from looper.models import ensure_model
 
@@ -115,19 +106,16 @@ def train_sft(cfg: Config, stage: str = "sft") -> TrainResult:
     train, val, n_truncated = load_sft_examples(cfg, tokenizer, t.val_size)
     trim = accepts_logits_to_keep(model)  # skip the LM head on the shared prompt prefix
     model = shard(model, env, t.activation_checkpointing)
-    params = trainable_params(model)
-    batches = MicroBatches([len(e.input_ids) for e in train], t.batch_size, t.grad_accum * env.world_size, t.seed)
-    n_steps = total_steps(t, batches.steps_per_epoch)
     pad_id = tokenizer.pad_token_id
     loop = TrainLoop(
-        model=model, params=params, t=t, env=env, n_steps=n_steps, resume_dir=layout.resume(name),
+        model=model, lengths=[len(e.input_ids) for e in train], t=t, env=env, resume_dir=layout.resume(name),
         metrics_path=layout.metrics(stage), desc=stage, trainable_only=not full_ft, show_progress=cfg.run.progress,
     )
     if env.is_main:
         print(
             f"[{stage}] {len(train)} train / {len(val)} val examples ({n_truncated} truncated), "
-            f"{n_steps} steps of {t.batch_size}x{t.grad_accum}x{env.world_size} rows, "
-            f"{sum(p.numel() for p in params):,} trainable params, base {model_path}"
+            f"{loop.n_steps} steps of {t.batch_size}x{t.grad_accum}x{env.world_size} rows, "
+            f"{loop.trainable_count:,} trainable params, base {model_path}"
             + (f", resuming at step {loop.step}" if loop.step else "")
         )
     phases = {"setup": time.perf_counter() - t0}
@@ -136,7 +124,7 @@ def train_sft(cfg: Config, stage: str = "sft") -> TrainResult:
     t0 = time.perf_counter()
     model.train()
     while not loop.done:
-        micro = [[train[i] for i in mb] for mb in batches.for_rank(loop.step, env.rank, env.world_size)]
+        micro = [[train[i] for i in mb] for mb in loop.micro_batches()]
         local_tokens = sum(sum(l != -100 for l in e.labels[1:]) for mb in micro for e in mb)
         global_tokens = dist.all_reduce_sum(torch.tensor(float(local_tokens), device=env.device))
         loss_sum = torch.zeros((), device=env.device)
