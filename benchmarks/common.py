@@ -12,6 +12,7 @@ the matmul peak and peak memory.
 - ``matmul_peak``: the best FLOP/s of several large square matmuls (fp32 on CPU, bf16 on
   GPU), by wall time and by process CPU time.
 - ``peak_memory`` / ``mib``: peak RSS (and peak allocated CUDA memory) in MiB.
+- ``cpu_utilization``: process CPU time over wall time x threads (CPU runs only).
 - ``set_threads``: torch's intra-op thread count from a ``--threads`` flag.
 
 The scripts put this folder and the repository root on ``sys.path`` before importing it.
@@ -118,6 +119,15 @@ def matmul_peak(device: torch.device, size: int | None = None, reps: int = PEAK_
         best = min(best, (time.perf_counter() - t0) / inner)
         best_cpu = min(best_cpu, (time.process_time() - c0) / inner)
     return Peak(2 * n**3 / best, 2 * n**3 / max(best_cpu, 1e-9))
+
+
+def cpu_utilization(cpu_seconds: float, wall_seconds: float, device: torch.device) -> float | None:
+    """Process CPU time / (wall time x torch threads), e.g. over a loop's timed steps (its
+    ``TrainResult.step_cpu_seconds`` and ``step_seconds``). Well below 1: the process was
+    starved of cores (a shared machine). None on GPU or without wall time."""
+    if device.type != "cpu" or wall_seconds <= 0:
+        return None
+    return cpu_seconds / (wall_seconds * torch.get_num_threads())
 
 
 def mib(n: float) -> float:

@@ -1,9 +1,14 @@
 """DPO training throughput and MFU, measured through ``train_dpo`` itself.
 
 The run is what a user runs: ``looper.loops.dpo.train_dpo`` on a preference file, with the
-reference log-probs precomputed (one no-grad pass) and LoRA policy steps after it. The
-benchmark only wraps two of the loop's own functions to time the reference pass and to
-count real vs padded tokens; the per-step times come from ``metrics/dpo.jsonl``.
+reference log-probs precomputed (one no-grad pass) and LoRA policy steps after it. Times
+and token counts come from the ``TrainResult`` it returns: each optimizer step's wall and
+CPU time, real tokens and computed positions, and the ``reference`` phase (the reference
+pass with its cache lookup and the validation split, which cost little next to the pass;
+with a cache hit the pass did not run and counts as zero). What the result does not
+give, each row's length (attention FLOPs) and the reference pass's real and padded
+tokens, comes from replaying the run's batches from the same pairs (``replay``); the
+replay must agree with the result's per-step tokens and positions.
 
 Reference setup (the defaults): the tiny benchmark Llama (hidden 256, 4 layers, 4 heads,
 intermediate 680, BPE vocabulary 4096 trained on GSM8K train), an SFT adapter with r=16 on
@@ -16,9 +21,9 @@ included, plus the LoRA parameters. The reference pass costs 2N FLOPs per token 
 a LoRA policy step costs 4N per token: forward 2N plus the backward pass through the frozen
 weights for the activation gradients, 2N (weight gradients exist only for LoRA and are
 inside the N term). Causal attention-score FLOPs are counted as in sft_throughput.py:
-2·L·h·t(t+1) per row of t real tokens forward, three times that for a training step. Tokens are real (non-padding)
-tokens of the chosen and rejected rows, the prompt counted in both; padding is computed
-but not credited, so padding waste lowers MFU. MFU = achieved FLOP/s / the peak measured
+2·L·h·t(t+1) per row of t real tokens forward, three times that for a training step.
+Tokens are real (non-padding) tokens of the chosen and rejected rows, the prompt counted in
+both; padding is computed but not credited, so padding waste lowers MFU. MFU = achieved FLOP/s / the peak measured
 in the same run by timing large square matmuls (fp32 on CPU, bf16 on GPU), best of several.
 
     python benchmarks/dpo_throughput.py                               # reference setup
@@ -42,12 +47,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # common.py beside this file; looper at the repo root
 
 from common import (  # noqa: E402
-    BENCH_TINY, data_source, default_peak_size, ensure_model, make_adapter, matmul_peak, peak_memory, set_threads,
+    BENCH_TINY, cpu_utilization, data_source, default_peak_size, ensure_model, make_adapter, matmul_peak,
+    peak_memory, set_threads,
 )
 
-from looper.config import ABEL_PROMPT, LoraConfig, load_config  # noqa: E402
+from looper.config import ABEL_PROMPT, Config, LoraConfig, load_config  # noqa: E402
 from looper.data.gsm8k import format_completion, format_prompt, load_questions  # noqa: E402
-from looper.models import attach_lora, load_base_model, pick_device  # noqa: E402
+from looper.data.tokenize import MicroBatches, PairEncoded  # noqa: E402
+from looper.dist import pick_device  # noqa: E402
+from looper.loops.common import split_val  # noqa: E402
+from looper.loops.dpo import load_pairs, train_dpo  # noqa: E402
+from looper.models import attach_lora, load_base_model, load_tokenizer  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -95,55 +105,45 @@ def flop_params(base: str, r: int) -> dict:
             "N": total - emb + n_lora}
 
 
+# --------------------------------------------------------------------------- the run's batches, replayed
+
+
+def tally(batches: list[list[PairEncoded]]) -> dict[str, int]:
+    """What the loop computes for these batches of pairs, each one ``collate_pairs`` batch
+    (chosen rows, then rejected rows, right-padded to the longest): real tokens, computed
+    positions (padding included), and the attention term, the sum over rows of t(t+1) for
+    t real tokens."""
+    real = padded = attn = 0
+    for pairs in batches:
+        rows = [len(p.prompt_ids) + len(p.chosen_ids) for p in pairs]
+        rows += [len(p.prompt_ids) + len(p.rejected_ids) for p in pairs]
+        real += sum(rows)
+        padded += max(rows) * len(rows)
+        attn += sum(t * (t + 1) for t in rows)
+    return {"real": real, "padded": padded, "attn": attn}
+
+
+def replay(cfg: Config, n_steps: int) -> tuple[dict[str, int], list[dict[str, int]]]:
+    """The reference pass's ``tally`` and one per training step, rebuilt from the same pairs
+    and schedule as ``train_dpo`` on one rank (no resume)."""
+    t = cfg.dpo
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model)
+    examples, _, _ = load_pairs(t.pairs, tokenizer, cfg.data.max_length, cfg.data.truncation)
+    # the reference pass: every pair once, in batches of batch_size over pairs sorted by (length, index)
+    order = sorted(range(len(examples)), key=lambda i: (examples[i].length, i))
+    reference = tally([[examples[i] for i in order[k : k + t.batch_size]] for k in range(0, len(order), t.batch_size)])
+    # the training steps: the length-grouped schedule over the pairs left after the held-out split
+    train_idx, _ = split_val(list(range(len(examples))), t.val_size, cfg.run.seed, "dpo.val_size")
+    train = [examples[i] for i in train_idx]
+    schedule = MicroBatches([e.length for e in train], t.batch_size, t.grad_accum, t.seed)
+    steps = [tally([[train[i] for i in mb] for mb in schedule.step(s)]) for s in range(n_steps)]
+    return reference, steps
+
+
 # --------------------------------------------------------------------------- the measured run
 
 
-class Probe:
-    """Wraps ``reference_pass`` (time) and ``collate_pairs`` (real vs padded tokens)."""
-
-    def __init__(self, dpo_module, device: torch.device):
-        self.mod, self.device = dpo_module, device
-        self.ref_seconds = 0.0
-        self.phase = "train"
-        self.tokens = {"reference": [0, 0], "train": [0, 0]}  # [real, padded]
-        self.attn = {"reference": 0, "train": 0}  # sum over rows of t * (t + 1), t = real tokens
-        self._ref, self._collate = dpo_module.reference_pass, dpo_module.collate_pairs
-
-    def __enter__(self):
-        probe = self
-
-        def reference_pass(*a, **k):
-            probe.phase = "reference"
-            if probe.device.type == "cuda":
-                torch.cuda.synchronize(probe.device)
-            t0 = time.perf_counter()
-            try:
-                return probe._ref(*a, **k)
-            finally:
-                if probe.device.type == "cuda":
-                    torch.cuda.synchronize(probe.device)
-                probe.ref_seconds += time.perf_counter() - t0
-                probe.phase = "train"
-
-        def collate_pairs(pairs, pad_id):
-            batch = probe._collate(pairs, pad_id)
-            counts = probe.tokens[probe.phase]
-            counts[0] += int(batch["attention_mask"].sum())
-            counts[1] += batch["attention_mask"].numel()
-            t = batch["attention_mask"].sum(1)
-            probe.attn[probe.phase] += int((t * (t + 1)).sum())
-            return batch
-
-        self.mod.reference_pass, self.mod.collate_pairs = reference_pass, collate_pairs
-        return self
-
-    def __exit__(self, *exc):
-        self.mod.reference_pass, self.mod.collate_pairs = self._ref, self._collate
-
-
 def main(argv=None) -> dict:
-    import looper.loops.dpo as dpo
-
     args = parse_args(argv)
     set_threads(args.threads)
     device = pick_device(args.device)
@@ -171,35 +171,35 @@ def main(argv=None) -> dict:
         peak_before = matmul_peak(device, size).flops_per_s
 
         t0 = time.perf_counter()
-        with Probe(dpo, device) as probe, contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON only
-            dpo.train_dpo(cfg).output_dir
+        with contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON only
+            run = train_dpo(cfg)
         wall = time.perf_counter() - t0
         peak_after = matmul_peak(device, size).flops_per_s
         peak = max(peak_before, peak_after)
 
-        with open(os.path.join(cfg.run.output_dir, "metrics", "dpo.jsonl")) as f:
-            recs = [json.loads(line) for line in f if line.strip()]
-        prev = [0] + [r["tokens"] for r in recs[:-1]]
-        step_tokens = [r["tokens"] - p for r, p in zip(recs, prev)]
-        step_seconds = [t / r["tokens_per_s"] for t, r in zip(step_tokens, recs)]
-        skip = min(args.skip_steps, len(recs) - 1)
-        train_tokens, train_seconds = sum(step_tokens[skip:]), sum(step_seconds[skip:])
-        ref_tokens, ref_seconds = probe.tokens["reference"][0], probe.ref_seconds
-        if args.reference == "online":  # the reference forward is inside every step
-            ref_tokens, ref_seconds = 0, 0.0
-        # when the cache already existed the pass did not run: count only what ran
+        ref_tally, step_tallies = replay(cfg, run.steps)
+        replayed = [(s["real"], s["padded"]) for s in step_tallies]
+        assert replayed == list(zip(run.step_tokens, run.step_positions)), (replayed, run.step_tokens, run.step_positions)
+
+        # the training steps after the warm-up ones
+        skip = min(args.skip_steps, run.steps - 1)
+        timed = step_tallies[skip:]
+        train_tokens, train_seconds = sum(run.step_tokens[skip:]), sum(run.step_seconds[skip:])
+        train_cpu_utilization = cpu_utilization(sum(run.step_cpu_seconds[skip:]), train_seconds, device)
+        # the reference pass, when it ran (online: the reference forward is inside every
+        # step; a cache hit: it did not run): count only what ran
+        ran_reference = run.reference == "computed"
+        ref_tokens = ref_tally["real"] if ran_reference else 0
+        ref_seconds = run.phases["reference"] if ran_reference else 0.0
         lh = BENCH_TINY.num_layers * BENCH_TINY.hidden_size
-        ref_attn = probe.attn["reference"] if ref_tokens else 0
+        ref_attn = ref_tally["attn"] if ran_reference else 0
         ref_flops = 2 * n["N"] * ref_tokens + 2 * lh * ref_attn
         train_fwd = 6 if args.reference == "online" else 4  # online adds a 2N reference forward
         attn_mult = 8 if args.reference == "online" else 6
-        # attention over the timed steps only: scale the probe's total by the timed share of tokens
-        timed_share = train_tokens / max(1, probe.tokens["train"][0])
-        train_flops = train_fwd * n["N"] * train_tokens + attn_mult * lh * probe.attn["train"] * timed_share
+        train_flops = train_fwd * n["N"] * train_tokens + attn_mult * lh * sum(s["attn"] for s in timed)
         total_seconds = ref_seconds + train_seconds
         achieved = (ref_flops + train_flops) / total_seconds
-        real_t, pad_t = probe.tokens["train"]
-        real_r, pad_r = probe.tokens["reference"]
+        real_t, pad_t = sum(run.step_tokens), sum(run.step_positions)  # every step, as padding_efficiency
         result = {
             "device": str(device),
             "threads": torch.get_num_threads(),
@@ -207,7 +207,7 @@ def main(argv=None) -> dict:
             "model": {**{k: BENCH_TINY.__dict__[k] for k in ("hidden_size", "num_layers", "intermediate_size", "vocab_size")},
                       "params": n, "lora_r": args.lora_r, "dtype": "bf16" if device.type == "cuda" else "fp32"},
             "setup": {"pairs": len(rows), "pairs_per_step": per_step, "batch_size": args.batch_size,
-                      "grad_accum": args.grad_accum, "steps": steps, "steps_timed": len(recs) - skip,
+                      "grad_accum": args.grad_accum, "steps": steps, "steps_timed": run.steps - skip,
                       "max_length": args.max_length, "reference": args.reference},
             "tokens_per_s": round((ref_tokens + train_tokens) / total_seconds, 1),
             "train_tokens_per_s": round(train_tokens / train_seconds, 1),
@@ -221,10 +221,17 @@ def main(argv=None) -> dict:
             "reference_pass_seconds": round(ref_seconds, 3),
             "train_seconds": round(train_seconds, 3),
             "reference_share_of_total": round(ref_seconds / total_seconds, 4),
-            "mean_step_seconds": round(train_seconds / max(1, len(recs) - skip), 4),
-            "padding_efficiency": {"train": round(real_t / max(1, pad_t), 4), "reference": round(real_r / max(1, pad_r), 4)},
-            "mean_row_tokens": round(real_t / max(1, 2 * per_step * len(recs)), 1),
+            "mean_step_seconds": round(train_seconds / max(1, run.steps - skip), 4),
+            "padding_efficiency": {
+                "train": round(real_t / max(1, pad_t), 4),
+                "reference": round(ref_tally["real"] / ref_tally["padded"], 4) if ran_reference else None,
+            },
+            "mean_row_tokens": round(real_t / max(1, 2 * per_step * run.steps), 1),
             "wall_seconds_train_dpo": round(wall, 2),
+            "phases_seconds": {k: round(v, 3) for k, v in run.phases.items()},
+            "reference_status": run.reference,
+            "step_seconds": [round(x, 4) for x in run.step_seconds],
+            "cpu_utilization_train_steps": train_cpu_utilization,
             "peak_memory": peak_memory(device),
             "flop_convention": (
                 "N = non-embedding params incl. lm_head + LoRA params; reference pass 2N/token (forward); "

@@ -33,7 +33,8 @@ from looper.config import ABEL_PROMPT, GenerationConfig  # noqa: E402
 from looper.data.gsm8k import format_prompt, load_questions  # noqa: E402
 from looper.data.tokenize import encode_prompt  # noqa: E402
 from looper.generation import generate  # noqa: E402
-from looper.models import load_base_model, load_tokenizer, pick_device  # noqa: E402
+from looper.dist import pick_device  # noqa: E402
+from looper.models import load_base_model, load_tokenizer  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -49,7 +49,7 @@ from common import (  # noqa: E402
 
 import looper.loops.rollout as rollout  # noqa: E402
 from looper.config import load_config  # noqa: E402
-from looper.models import pick_device  # noqa: E402
+from looper.dist import pick_device  # noqa: E402
 
 SCORING_NAMES = ("extract_answer", "is_correct", "score_group", "trajectory_rewards")
 

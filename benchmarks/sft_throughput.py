@@ -1,8 +1,12 @@
 """SFT throughput and MFU of the real loop (``looper.loops.sft.train_sft``). Prints JSON.
 
-The benchmark runs ``train_sft`` itself on a config, then reads ``metrics/sft.jsonl``:
-the ``tokens_per_s`` it logs for each optimizer step after ``--warmup`` steps is what a
-user's run does (collation, forward, loss, backward, clipping, optimizer step, logging).
+The benchmark runs ``train_sft`` itself on a config and reads the ``TrainResult`` it
+returns: the wall and process CPU time, real tokens and computed positions (padding
+included) of each optimizer step. The steps after ``--warmup`` are measured; a step is
+what a user's run does (collation, forward, loss, backward, clipping, optimizer step),
+without logging and saving. The FLOP count needs each row's length, which the result
+does not give: the benchmark replays the run's schedule (``MicroBatches`` over the same
+examples) and checks that the replay has the step's real tokens and positions.
 
 Reference setup: the tiny benchmark model (Llama, hidden 256, 4 layers, 4 heads,
 intermediate 680, BPE vocabulary 4096 trained on the GSM8K train texts), LoRA r=16 on
@@ -42,13 +46,17 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # common.py beside this file; looper at the repo root
 
-from common import PEAK_REPS, data_source, default_peak_size, ensure_model, matmul_peak, set_threads  # noqa: E402
+from common import (  # noqa: E402
+    PEAK_REPS, cpu_utilization, data_source, default_peak_size, ensure_model, matmul_peak, set_threads,
+)
 
 from looper.config import load_config  # noqa: E402
 from looper.data.tokenize import MicroBatches  # noqa: E402
+from looper.dist import pick_device  # noqa: E402
+from looper.loops.common import accepts_logits_to_keep  # noqa: E402
 from looper.loops.sft import load_sft_examples, train_sft  # noqa: E402
 from looper.metrics import peak_memory_bytes  # noqa: E402
-from looper.models import load_tokenizer, pick_device  # noqa: E402
+from looper.models import load_tokenizer  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,8 +85,6 @@ def matmul_params(model_dir: str, lora_r: int | None) -> dict:
     """Parameters that take part in matmuls (no embeddings), counted on a meta-device model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from looper.loops.sft import accepts_logits_to_keep
-
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -97,6 +103,18 @@ def matmul_params(model_dir: str, lora_r: int | None) -> dict:
         "layers": config.num_hidden_layers, "hidden": config.hidden_size,
         "head_trimmed": accepts_logits_to_keep(model),
     }
+
+
+def replay_steps(cfg, model_dir: str, first: int, last: int) -> tuple[list[list[list[tuple[int, int]]]], int]:
+    """Optimizer steps ``first .. last - 1`` of the run, replayed from the same data and
+    schedule as ``train_sft``: per step, its micro-batches of (length, prompt_len) rows.
+    Also returns the number of truncated rows."""
+    tok = load_tokenizer(model_dir, cfg.model)
+    train, _, n_trunc = load_sft_examples(cfg, tok)
+    lengths = [len(e.input_ids) for e in train]
+    sched = MicroBatches(lengths, cfg.sft.batch_size, cfg.sft.grad_accum, cfg.sft.seed)  # one rank
+    steps = [[[(lengths[i], train[i].prompt_len) for i in mb] for mb in sched.step(s)] for s in range(first, last)]
+    return steps, n_trunc
 
 
 def step_flops(micro: list[list[tuple[int, int]]], n: dict, full: bool, kind: str) -> float:
@@ -120,31 +138,6 @@ def step_flops(micro: list[list[tuple[int, int]]], n: dict, full: bool, kind: st
     return total
 
 
-class _CpuClock:
-    """Records this process's CPU time at each optimizer step, beside the loop's own wall
-    clock (``looper.metrics.Throughput``, which still produces ``tokens_per_s``). On a
-    shared machine, CPU time shows whether the run was starved of cores."""
-
-    marks: list[tuple[float, float]] = []
-
-    @classmethod
-    def install(cls):
-        import looper.loops.sft as sft_mod
-        from looper.metrics import Throughput
-
-        class Clock(Throughput):
-            def step(self, tokens):
-                rate = super().step(tokens)
-                cls.marks.append((time.perf_counter(), time.process_time()))
-                return rate
-
-            def reset(self):
-                super().reset()
-                cls.marks.append((time.perf_counter(), time.process_time()))
-
-        sft_mod.Throughput = Clock
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -158,7 +151,7 @@ def main(argv=None) -> dict:
     n_steps = args.warmup + args.steps
     overrides = [
         f"run.output_dir={os.path.join(work, 'run')}", "run.progress=false", f"run.device={args.device}",
-        f"model.name_or_path={model_dir}", f"data.train={source if source else 'null'}", "data.val_size=0",
+        f"model.name_or_path={model_dir}", f"data.train={source if source else 'null'}", "sft.val_size=0",
         f"data.max_length={args.max_length}", f"sft.batch_size={args.batch_size}",
         f"sft.grad_accum={args.grad_accum}", f"sft.max_steps={n_steps}", "sft.eval_every=0",
         "sft.save_every=0", "sft.log_every=1", "sft.resume=none",
@@ -166,7 +159,6 @@ def main(argv=None) -> dict:
     overrides += ["lora=null"] if args.full else [f"lora.r={args.lora_r}", f"lora.alpha={2 * args.lora_r}"]
     cfg = load_config(None, overrides + list(args.overrides))
 
-    _CpuClock.install()
     peak_size = args.peak_size or default_peak_size(device)
     peak_before, peak_cpu_before = matmul_peak(device, peak_size)
     if device.type == "cuda":
@@ -177,43 +169,29 @@ def main(argv=None) -> dict:
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=acts) as prof, contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON only
-            train_sft(cfg)
+            result = train_sft(cfg)
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=30), file=sys.stderr)
     else:
         with contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON only
-            train_sft(cfg)
+            result = train_sft(cfg)
     wall = time.perf_counter() - t0
     peak_after, peak_cpu_after = matmul_peak(device, peak_size)
     peak, peak_cpu = max(peak_before, peak_after), max(peak_cpu_before, peak_cpu_after)
 
-    # ---- what the loop measured
-    with open(os.path.join(work, "run", "metrics", "sft.jsonl")) as f:
-        recs = [json.loads(line) for line in f]
-    measured = [r for r in recs if r["step"] > args.warmup]
-    prev = {r["step"]: r["tokens"] for r in recs}
-    step_tokens = [r["tokens"] - prev.get(r["step"] - 1, 0) for r in measured]
-    seconds = sum(t / r["tokens_per_s"] for t, r in zip(step_tokens, measured))
+    # ---- what the loop measured, for the steps after the warm-up
+    w = args.warmup
+    step_seconds, step_tokens, step_positions = result.step_seconds[w:], result.step_tokens[w:], result.step_positions[w:]
+    seconds, cpu_seconds = sum(step_seconds), sum(result.step_cpu_seconds[w:])
+    real, padded = sum(step_tokens), sum(step_positions)
 
-    # ---- replay the same schedule for padding and FLOPs
-    tok = load_tokenizer(model_dir, cfg.model)
-    train, _, n_trunc = load_sft_examples(cfg, tok)
-    lengths = [len(e.input_ids) for e in train]
-    sched = MicroBatches(lengths, cfg.sft.batch_size, cfg.sft.grad_accum, cfg.sft.seed)
-    steps_rows = [
-        [[(lengths[i], train[i].prompt_len) for i in mb] for mb in sched.step(r["step"] - 1)] for r in measured
-    ]
-    real = sum(t for s in steps_rows for mb in s for t, _ in mb)
-    padded = sum(max(t for t, _ in mb) * len(mb) for s in steps_rows for mb in s)
-    assert real == sum(step_tokens), (real, sum(step_tokens))  # the replay matches the run
+    # ---- replay the same steps for each row's length (FLOPs); it must agree with the run
+    steps_rows, n_trunc = replay_steps(cfg, model_dir, w, result.steps)
+    replayed = [(sum(t for mb in s for t, _ in mb), sum(max(t for t, _ in mb) * len(mb) for mb in s)) for s in steps_rows]
+    assert replayed == list(zip(step_tokens, step_positions)), (replayed, step_tokens, step_positions)
     n = matmul_params(model_dir, None if args.full else args.lora_r)
     flops = {k: sum(step_flops(s, n, args.full, k) for s in steps_rows) for k in ("model", "executed", "padded")}
     achieved = flops["model"] / seconds
-    # marks: one per step (reset marks only follow saves/evals, both off here until the end)
-    marks = _CpuClock.marks[: n_steps]
-    m0, m1 = marks[args.warmup - 1] if args.warmup else (None, None), marks[-1]
-    wall_measured = m1[0] - m0[0] if args.warmup else None
-    cpu_measured = m1[1] - m0[1] if args.warmup else None
 
     out = {
         "benchmark": "sft_throughput",
@@ -225,11 +203,11 @@ def main(argv=None) -> dict:
         "sequences_per_step": cfg.sft.batch_size * cfg.sft.grad_accum,
         "sequence_length": cfg.data.max_length,
         "warmup_steps": args.warmup,
-        "measured_steps": len(measured),
+        "measured_steps": len(step_seconds),
         "mean_seq_len": real / sum(len(mb) for s in steps_rows for mb in s),
         "truncated_rows": n_trunc,
-        "tokens_per_s": sum(step_tokens) / seconds,
-        "step_time_s": seconds / len(measured),
+        "tokens_per_s": real / seconds,
+        "step_time_s": seconds / len(step_seconds),
         "padding_fraction": 1 - real / padded,
         "params": n,
         "flop_convention": (
@@ -252,20 +230,17 @@ def main(argv=None) -> dict:
         "peak_memory_bytes": peak_memory_bytes(device),
         "peak_memory_note": "max RSS of the process" if device.type == "cpu" else "torch.cuda.max_memory_allocated",
         "wall_s_total_run": wall,
-        "process_cpu_s_per_step": cpu_measured / len(measured) if cpu_measured else None,
-        "cpu_utilization": (
-            cpu_measured / (wall_measured * torch.get_num_threads()) if cpu_measured and device.type == "cpu" else None
-        ),
-        "mfu_cpu_time": (
-            flops["model"] / cpu_measured / peak_cpu if cpu_measured and device.type == "cpu" else None
-        ),
+        "phases_s": {k: round(v, 3) for k, v in result.phases.items()},
+        "process_cpu_s_per_step": cpu_seconds / len(step_seconds),
+        "cpu_utilization": cpu_utilization(cpu_seconds, seconds, device),
+        "mfu_cpu_time": flops["model"] / cpu_seconds / peak_cpu if device.type == "cpu" and cpu_seconds else None,
         "mfu_cpu_time_note": "FLOPs per process CPU-second of the measured steps over the matmul peak per CPU-second: "
         "insensitive to other processes taking the cores; exact with --threads 1 (with more threads, idle "
         "OpenMP spinning counts as CPU time, so it is a lower bound)",
         "cpu_utilization_note": "process CPU time / (wall time x threads) over the measured steps; well below 1 "
         "means the process was starved (a shared machine) and the wall-clock numbers understate the loop",
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "per_step_tokens_per_s": [round(r["tokens_per_s"], 1) for r in measured],
+        "per_step_tokens_per_s": [round(t / dt, 1) for t, dt in zip(step_tokens, step_seconds)],
     }
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)

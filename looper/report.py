@@ -37,15 +37,16 @@ def _metrics_table(rows: list[dict], keys: list[str]) -> str:
     return "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n| " + " | ".join(_fmt(last[k]) for k in keys) + " |\n"
 
 
-def make_plots(layout: RunLayout) -> list[str]:
-    """Draw SFT loss, DPO loss/margins/accuracy and accuracy per stage; [] without matplotlib."""
+def make_plots(layout: RunLayout) -> Optional[list[str]]:
+    """Draw SFT loss, DPO loss/margins/accuracy and accuracy per stage; returns the file
+    names drawn ([] when there is nothing to plot), or None without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return []
+        return None
     made = []
     sft = _read_metrics(layout, "sft")
     if sft:
@@ -122,10 +123,10 @@ def write_report(cfg: Config, elapsed_s: Optional[float] = None) -> str:
         if rows:
             lines += [f"## Final {stage} metrics", "", _metrics_table(rows, keys)]
     plots = make_plots(layout)
-    if plots:
-        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
-    else:
+    if plots is None:
         lines += ["Plots skipped: matplotlib is not installed (`pip install 'looper[plot]'`).", ""]
+    elif plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     path = layout.report
     write_text_atomic(path, "\n".join(lines))
     print(f"[pipeline] report: {path}")

@@ -211,16 +211,40 @@ def test_summary_agrees_with_the_records(reference, policy):
 
 
 def test_maj_at_k_does_not_depend_on_trajectory_order():
-    """A tied vote picks the same majority answer whatever the order of the group."""
-    from looper.loops.rollout import rollout_summary
+    """maj@k on hand-built groups whose majority is known, ties included; shuffling the
+    trajectories of every group keeps that exact value."""
+    import random
 
-    def rec(answers):
-        trajs = [{"answer": a, "correct": a == "4", "num_tokens": 3} for a in answers]
-        return {"gold": "4", "s_end": 0.5, "s_path": 1.0, "s_cf": 1.0, "s_wm": 0.8, "trajectories": trajs}
+    from looper.data.gsm8k import is_correct
+    from looper.loops.rollout import majority_answer, rollout_summary
 
-    a = rollout_summary([rec(["4", "7", "4", "7"])])
-    b = rollout_summary([rec(["7", "4", "7", "4"])])
-    assert a["maj_at_k"] == b["maj_at_k"]
+    def rec(gold, answers):
+        trajs = [{"answer": a, "correct": is_correct(a, gold), "num_tokens": 3} for a in answers]
+        return {"gold": gold, "s_end": 0.5, "s_path": 1.0, "s_cf": 1.0, "s_wm": 0.8, "trajectories": trajs}
+
+    groups = [  # (gold, answers, majority is correct)
+        ("4", ["4", "4", "7", "4"], True),  # clear majority, right
+        ("4", ["7", "7", "4", None], False),  # clear majority, wrong (though pass@k)
+        ("4", ["4", "7", "4", "7"], True),  # 2-2 tie: the smaller value, 4, wins -- right
+        ("9", ["9", "3", "3", "9"], False),  # 2-2 tie: the smaller value, 3, wins -- wrong
+        ("12", ["12.0", "12", "5", None], True),  # 12.0 and 12 agree by value: 2 votes to 1
+        ("4", [None, None, None, None], False),  # no answer at all: no majority
+        ("4", [None, "4", None, None], True),  # None never votes: the one answer wins
+        ("5", ["abc", "5", "abc", "5"], True),  # number-text tie: numbers sort first
+    ]
+    records = [rec(g, a) for g, a, _ in groups]
+    expected = sum(ok for _, _, ok in groups) / len(groups)
+    assert expected == 5 / 8
+    base = rollout_summary(records)
+    assert base["maj_at_k"] == expected
+    assert base["pass_at_k"] == 7 / 8 and base["k"] == 4 and base["questions"] == 8
+    # the tie rule, both orders
+    assert majority_answer(["4", "7", "4", "7"]) == majority_answer(["7", "4", "7", "4"]) == "4"
+    assert majority_answer(["3", "9", "9", "3"]) == majority_answer(["9", "3", "3", "9"]) == "3"
+    orders = [lambda t, i: t[::-1]] + [lambda t, i: random.Random(i).sample(t, len(t))] * 24
+    for seed, order in enumerate(orders):
+        shuffled = [dict(r, trajectories=order(r["trajectories"], seed * 100 + j)) for j, r in enumerate(records)]
+        assert rollout_summary(shuffled)["maj_at_k"] == expected, seed
 
 
 # --------------------------------------------------------------------------- ranks
