@@ -161,6 +161,23 @@ def find_resume_state(resume: str, resume_root: str) -> Optional[str]:
     return resume
 
 
+def damage(path: str) -> Optional[str]:
+    """What is missing from resume state ``path`` (None if it looks intact): its trainer
+    state, the checkpoint metadata, or one rank's shard file."""
+    try:
+        state = read_trainer_state(path)
+    except (OSError, ValueError) as e:
+        return f"unreadable trainer_state.json: {e}"
+    shards = os.path.join(path, "model_optim")
+    if not os.path.isfile(os.path.join(shards, ".metadata")):
+        return "model_optim/.metadata is missing"
+    for rank in range(int(state.get("world_size", 1))):
+        shard = os.path.join(shards, f"__{rank}_0.distcp")
+        if not os.path.isfile(shard) or os.path.getsize(shard) == 0:
+            return f"model_optim/__{rank}_0.distcp is missing or empty"
+    return None
+
+
 def read_trainer_state(path: str) -> dict:
     """The ``trainer_state.json`` of resume state ``path``."""
     with open(os.path.join(path, "trainer_state.json")) as f:

@@ -5,17 +5,21 @@
   beside the target, then a rename, so a reader never sees half a file;
 - ``replace_dir``: move a finished folder into place (an atomic swap where the OS allows);
 - ``sha256_files``: one digest over several files (missing ones are skipped);
-- ``JsonlAppender``: one flushed line per record, for resumable outputs.
+- ``JsonlAppender``: one flushed line per record, for resumable outputs;
+- ``run_lock``: an advisory lock that keeps a second process out of a run folder;
+- ``check_writable``: a clear error before any work when an output cannot be written.
 
 Standard library only (``looper.regime_w`` and ``looper prefs`` use it without torch).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import sys
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 
@@ -30,8 +34,14 @@ def iter_jsonl(path: str, required: Sequence[str] = ()) -> Iterator[tuple[int, d
     """
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder, expected a JSONL file")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line); expected JSON lines") from None
             if not line.strip():
                 continue
             try:
@@ -199,3 +209,83 @@ class JsonlAppender:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# --------------------------------------------------------------------------- run folders
+
+
+def check_writable(paths: Sequence[str]) -> None:
+    """Raise ``DataError`` unless every path can be created: probe the deepest folder of each
+    that exists with a temporary file (permissions alone mislead, e.g. for root or on a
+    read-only mount)."""
+    probed: set[str] = set()
+    for path in paths:
+        folder = os.path.abspath(path)
+        if os.path.isfile(folder):
+            folder = os.path.dirname(folder)  # an existing file is replaced beside itself
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if folder in probed:
+            continue
+        probed.add(folder)
+        if not os.path.isdir(folder):
+            raise DataError(f"cannot write {path}: {folder} is a file, not a folder")
+        probe = os.path.join(folder, f".looper-write-probe-{os.getpid()}")
+        try:
+            with open(probe, "w") as f:
+                f.write("")
+            os.remove(probe)
+        except OSError as e:
+            raise DataError(f"cannot write {path}: {folder} is not writable ({e.strerror})") from None
+
+
+_HELD: dict[str, list] = {}  # lock path -> [file descriptor, depth], for re-entry in one process
+
+
+@contextlib.contextmanager
+def run_lock(path: str, folder: str):
+    """Hold an advisory lock on ``path`` (the run folder's lock file) while the block runs.
+
+    A second process asking for the same lock fails at once with a ``DataError`` naming the
+    holder's pid and command. The operating system drops the lock when its process dies, so
+    a crashed run never leaves a stale lock. Re-entrant within one process (the pipeline
+    holds it while its stages take it again). Where ``fcntl`` is missing, nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    key = os.path.abspath(path)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    try:
+        os.makedirs(os.path.dirname(key), exist_ok=True)
+        fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise DataError(f"cannot use run folder {folder}: {e.strerror} ({key})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown process"
+        os.close(fd)
+        raise DataError(
+            f"{folder} is in use by another looper process ({holder}); wait for it to finish, "
+            "or give this run another run.output_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv) or sys.executable}\n".encode(), 0)
+    _HELD[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        _HELD[key][1] -= 1
+        if _HELD[key][1] == 0:
+            del _HELD[key]
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)

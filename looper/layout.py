@@ -31,10 +31,13 @@ Standard library only.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 from dataclasses import dataclass
 from typing import Optional
+
+from looper.io import run_lock
 
 TINY = "tiny"  # model.name_or_path that builds the offline tiny model
 
@@ -128,8 +131,12 @@ class RunLayout:
         """A research variant's own pair file, beside the run's (``preferences_<tag>.jsonl``)."""
         return self._p("data", f"preferences_{tag}.jsonl")
 
+    @property
+    def cache(self) -> str:
+        return self._p("cache")
+
     def reference_cache(self, key: str) -> str:
-        return self._p("cache", f"ref_logps-{key}.safetensors")
+        return os.path.join(self.cache, f"ref_logps-{key}.safetensors")
 
     # ---- outputs, metrics, configs, state
     @property
@@ -280,3 +287,18 @@ def resolve_base_model(layout: RunLayout, announce: bool = False) -> str:
             "stage uses the untrained tiny model; `looper pipeline --stages base` runs it"
         )
     return layout.pretrained
+
+
+def holds_run_lock(stage_fn):
+    """Run a stage function ``fn(cfg, ...)`` holding its run folder's lock (``io.run_lock``).
+
+    Under torchrun only the global rank 0 takes it: the ranks of one job share the folder.
+    """
+    @functools.wraps(stage_fn)
+    def wrapper(cfg, *args, **kwargs):
+        if int(os.environ.get("RANK", "0")) != 0:
+            return stage_fn(cfg, *args, **kwargs)
+        with run_lock(RunLayout.of(cfg).lock, cfg.run.output_dir):
+            return stage_fn(cfg, *args, **kwargs)
+
+    return wrapper

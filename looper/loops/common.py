@@ -195,10 +195,11 @@ class TrainLoop:
     def __init__(
         self, *, model, lengths: list[int], t: TrainConfig, env: dist.DistEnv, resume_dir: str,
         metrics_path: str, desc: str, trainable_only: bool, show_progress: bool = True,
-        identity: Optional[dict] = None,
+        identity: Optional[dict] = None, resume_from: Optional[str] = None,
     ):
         """``model`` is sharded; ``lengths`` are the training examples' token counts (they
-        group examples of similar length into micro-batches)."""
+        group examples of similar length into micro-batches); ``resume_from`` is the state
+        ``resume_point`` chose; ``identity`` is recorded in every resume state written."""
         self.model, self.t, self.env = model, t, env
         self.params = trainable_params(model)
         self.batches = MicroBatches(lengths, t.batch_size, t.grad_accum * env.world_size, t.seed)
@@ -208,9 +209,8 @@ class TrainLoop:
         self.optimizer = build_optimizer(self.params, t, env.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t, n_steps))
         self.step, self.tokens_seen, self.last_ckpt = 0, 0, None
-        self.resumed_from = checkpoint.find_resume_state(t.resume, resume_dir)
+        self.resumed_from = resume_from
         if self.resumed_from is not None:
-            _check_identity(self.resumed_from, self.identity, desc)
             state = checkpoint.load_resume_state(self.resumed_from, model, self.optimizer, trainable_only)
             self.scheduler.load_state_dict(state["scheduler"])
             self.step, self.tokens_seen, self.last_ckpt = state["step"], state["tokens_seen"], self.resumed_from
@@ -288,14 +288,51 @@ class TrainLoop:
         )
 
 
-def _check_identity(resume_from: str, identity: dict, desc: str) -> None:
-    """A resume state continues one run: the values in ``identity`` (e.g. the DPO reference
-    key) must be the ones it was written with."""
+def resume_point(t: TrainConfig, resume_dir: str, identity: dict, key: str) -> Optional[str]:
+    """The resume state a run continues from (None: from the start), decided before any work.
+
+    ``{key}.resume``: ``auto`` takes the newest intact state (a damaged one, e.g. with a
+    missing shard file, is skipped with a note, falling back to the one kept before it);
+    ``none`` starts over; a path must be an intact state. The state's recorded ``identity``
+    (settings and input digests) must equal the current one: a changed setting is a
+    ``ConfigError`` naming each key with its old and new value.
+    """
+    if t.resume == "none":
+        return None
+    explicit = t.resume != "auto"
+    candidates = [checkpoint.find_resume_state(t.resume, resume_dir)] if explicit else checkpoint.list_resume_states(resume_dir)[::-1]
+    for path in candidates:
+        problem = checkpoint.damage(path)
+        if problem and explicit:
+            raise ConfigError(f"{key}.resume: {path} is damaged ({problem})")
+        if problem:
+            if dist.is_main():
+                print(f"[{key}] resume state {path} is damaged ({problem}); falling back to the one before it")
+            continue
+        _check_identity(path, identity, key)
+        return path
+    if candidates and dist.is_main():
+        print(f"[{key}] no intact resume state under {resume_dir}; starting from step 0")
+    return None
+
+
+def _check_identity(resume_from: str, identity: dict, key: str) -> None:
+    """A resume state continues one run: its recorded settings and inputs must be today's."""
+    from looper.fingerprint import changes, describe
+
     saved = checkpoint.read_trainer_state(resume_from)
-    changed = [(k, saved.get(k), v) for k, v in identity.items() if saved.get(k) is not None and saved.get(k) != v]
-    if changed:
-        what = "; ".join(f"{k} was {old!r}, now {new!r}" for k, old, new in changed)
+    diffs = []
+    for name, value in identity.items():
+        old = saved.get(name)
+        if old is None:
+            continue  # a state written before this was recorded
+        if isinstance(value, dict) and isinstance(old, dict):
+            diffs += changes(old, value)
+        elif changes({name: old}, {name: value}):
+            diffs.append((name, old, value))
+    if diffs:
         raise ConfigError(
-            f"{desc}.resume: {resume_from} was written for other inputs ({what}). Restore them, "
-            f"or set {desc}.resume=none to start over"
+            f"{key}: the resume state {resume_from} was made with other settings or inputs ({describe(diffs)}). "
+            f"Restore them to continue it; set {key}.resume=none to start over (in the pipeline: --force "
+            f"{'base' if key == 'base_train' else key}); or write to another output name"
         )

@@ -24,15 +24,15 @@ import time
 
 import torch
 
-from looper import checkpoint, dist
+from looper import checkpoint, dist, fingerprint
 from looper.config import Config, ConfigError, save_config
 from looper.data.tokenize import PairEncoded, collate_pairs, encode_pair
-from looper.io import DataError, iter_jsonl, sha256_files
-from looper.layout import RunLayout, resolve_adapter
+from looper.io import DataError, check_writable, iter_jsonl, sha256_files
+from looper.layout import RunLayout, holds_run_lock, resolve_adapter
 from looper.losses.dpo import chosen_nll, dpo_loss, num_completion_tokens, preference_metrics, sequence_logps
 from looper.loops.common import (
     TrainLoop, TrainResult, accepts_logits_to_keep, build_policy, equal_shards,
-    loss_logits, seed_everything, shard, split_val,
+    loss_logits, resume_point, seed_everything, shard, split_val,
 )
 from looper.models import ensure_model, resolve_dtype
 
@@ -57,16 +57,30 @@ def resolve_inputs(cfg: Config) -> tuple[str, str]:
 
 
 def load_pairs(path: str, tokenizer, max_length: int, mode: str) -> tuple[list[PairEncoded], list[str], int]:
-    """Encode every pair; returns examples, pair ids and the number truncated."""
-    examples, ids = [], []
+    """Encode every pair; returns examples, pair ids and the number truncated.
+
+    A pair whose chosen and rejected texts are equal teaches nothing (its loss is a constant
+    log 2): it is dropped and counted. A repeated ``pair_id`` is an error naming both lines.
+    """
+    examples, ids, first_line, identical = [], [], {}, 0
     for lineno, rec in iter_jsonl(path, PAIR_FIELDS):
         for key in ("prompt", "chosen", "rejected"):
             if not isinstance(rec[key], str) or (key != "prompt" and not rec[key].strip()):
                 raise DataError(f"{path}:{lineno}: field '{key}' must be a non-empty string")
+        pid = str(rec["pair_id"])
+        if pid in first_line:
+            raise DataError(f"{path}:{lineno}: pair_id {pid!r} repeats line {first_line[pid]}; pair ids must be unique")
+        first_line[pid] = lineno
+        if rec["chosen"] == rec["rejected"]:
+            identical += 1
+            continue
         examples.append(encode_pair(tokenizer, rec["prompt"], rec["chosen"], rec["rejected"], max_length, mode, f"{path}:{lineno}: "))
-        ids.append(str(rec["pair_id"]))
+        ids.append(pid)
+    if identical and dist.is_main():
+        print(f"[dpo] {path}: dropped {identical} pair(s) whose chosen and rejected texts are identical")
     if not examples:
-        raise DataError(f"{path}: zero preference pairs; DPO has nothing to learn from")
+        dropped = f" ({identical} with identical chosen and rejected dropped)" if identical else ""
+        raise DataError(f"{path}: zero preference pairs{dropped}; DPO has nothing to learn from")
     return examples, ids, sum(e.truncated for e in examples)
 
 
@@ -190,22 +204,33 @@ def reference_model_id(cfg: Config, model_path: str, device: torch.device) -> st
 # --------------------------------------------------------------------------- the loop
 
 
+@holds_run_lock
 def train_dpo(cfg: Config) -> TrainResult:
     """Train the policy adapter with DPO and save ``checkpoints/<dpo.output_name>``.
 
     Returns a ``TrainResult`` (``.output_dir`` is the saved adapter).
     """
+    t0 = time.perf_counter()
     t = cfg.dpo
     env = dist.init_distributed(cfg.run.device)
     layout = RunLayout.of(cfg)
-    seed_everything(t.seed)
     adapter, pairs_path = resolve_inputs(cfg)
+    model_path = ensure_model(cfg, announce=True)
+
+    # ---- what this output is made of; a resume must match it (checked before any work)
+    identity = {
+        "settings": fingerprint.stage_settings(cfg, "dpo", env.world_size),
+        "inputs": {"model": fingerprint.folder_stamp(model_path), "adapter": fingerprint.adapter_digest(adapter),
+                   "pairs": fingerprint.file_digest(pairs_path)},
+    }
+    check_writable([layout.checkpoint(t.output_name), layout.resume(t.output_name), layout.metrics("dpo"),
+                    layout.config("dpo"), layout.cache])
+    resume_from = resume_point(t, layout.resume(t.output_name), identity, "dpo")
+    seed_everything(t.seed)
     if env.is_main:
         save_config(cfg, layout.config("dpo"))
 
     # ---- model, data
-    t0 = time.perf_counter()
-    model_path = ensure_model(cfg, announce=True)
     model, tokenizer = build_policy(cfg, env, model_path, adapter=adapter, lora=None)
     examples, pair_ids, n_truncated = load_pairs(pairs_path, tokenizer, cfg.data.max_length, cfg.data.truncation)
     if t.reference == "online":
@@ -242,7 +267,7 @@ def train_dpo(cfg: Config) -> TrainResult:
     loop = TrainLoop(
         model=model, lengths=[e.length for e in train], t=t, env=env, resume_dir=layout.resume(t.output_name),
         metrics_path=layout.metrics("dpo"), desc="dpo", trainable_only=True, show_progress=cfg.run.progress,
-        identity={"reference_key": key},
+        identity={**identity, "reference_key": key}, resume_from=resume_from,
     )
     if env.is_main:
         print(

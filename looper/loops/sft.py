@@ -13,28 +13,26 @@ from typing import Optional
 
 import torch
 
-from looper import checkpoint, dist
+from looper import checkpoint, dist, fingerprint
 from looper.config import Config, ConfigError, LoraConfig, TrainConfig, save_config
 from looper.data.gsm8k import format_completion, format_prompt, load_questions
 from looper.data.tokenize import Encoded, collate, encode_sft_rows
-from looper.io import DataError
-from looper.layout import RunLayout, resolve_adapter
+from looper.io import DataError, check_writable
+from looper.layout import RunLayout, holds_run_lock, resolve_adapter
 from looper.losses.sft import masked_cross_entropy
 from looper.loops.common import (
     TrainLoop, TrainResult, accepts_logits_to_keep, build_policy, equal_shards,
-    loss_logits, seed_everything, shard, split_val,
+    loss_logits, resume_point, seed_everything, shard, split_val,
 )
 from looper.models import ensure_model
 
 STAGES = ("sft", "base")
 
 
-def load_sft_examples(cfg: Config, tokenizer, val_size: Optional[int] = None) -> tuple[list[Encoded], list[Encoded], int]:
-    """Tokenized train and held-out examples (``val_size``, default ``sft.val_size``), and how
-    many rows were truncated."""
-    val_size = cfg.sft.val_size if val_size is None else val_size
+def load_sft_rows(cfg: Config) -> list[dict]:
+    """The SFT data as text rows: ``question_id``, ``prompt``, ``completion``."""
     rows = load_questions(cfg.data.train, "train", cfg.data)
-    texts = [
+    return [
         {
             "question_id": r["question_id"],
             "prompt": format_prompt(r["question"], cfg.data.prompt_template),
@@ -42,6 +40,15 @@ def load_sft_examples(cfg: Config, tokenizer, val_size: Optional[int] = None) ->
         }
         for r in rows
     ]
+
+
+def load_sft_examples(
+    cfg: Config, tokenizer, val_size: Optional[int] = None, rows: Optional[list[dict]] = None
+) -> tuple[list[Encoded], list[Encoded], int]:
+    """Tokenized train and held-out examples (``val_size``, default ``sft.val_size``, drawn
+    with ``run.seed``), and how many rows were truncated."""
+    val_size = cfg.sft.val_size if val_size is None else val_size
+    texts = load_sft_rows(cfg) if rows is None else rows
     train_rows, val_rows = split_val(texts, val_size, cfg.run.seed)
     train, n_trunc = encode_sft_rows(tokenizer, train_rows, cfg.data.max_length, cfg.data.truncation)
     val, n_trunc_val = encode_sft_rows(tokenizer, val_rows, cfg.data.max_length, cfg.data.truncation)
@@ -68,7 +75,7 @@ def eval_loss(
     return (dist.all_reduce_sum(loss_sum) / dist.all_reduce_sum(tokens).clamp(min=1)).item()
 
 
-def stage_settings(cfg: Config, stage: str) -> tuple[TrainConfig, Optional[LoraConfig], Optional[str], str, str]:
+def sft_stage(cfg: Config, stage: str) -> tuple[TrainConfig, Optional[LoraConfig], Optional[str], str, str]:
     """``(train settings, LoRA, starting adapter, output name, model)`` of an SFT-loop stage.
 
     ``sft``: LoRA (or full fine-tuning with ``lora: null``) on the layout's base model.
@@ -86,30 +93,42 @@ def stage_settings(cfg: Config, stage: str) -> tuple[TrainConfig, Optional[LoraC
     return cfg.sft, cfg.lora, init, cfg.sft.output_name, ensure_model(cfg, announce=True)
 
 
+@holds_run_lock
 def train_sft(cfg: Config, stage: str = "sft") -> TrainResult:
     """Train and save ``checkpoints/<sft.output_name>`` (``checkpoints/base`` for the base stage).
 
     Returns a ``TrainResult`` (``.output_dir`` is the saved folder). ``stage`` names the
     metrics file (``metrics/<stage>.jsonl``) and the saved config.
     """
+    t0 = time.perf_counter()
     env = dist.init_distributed(cfg.run.device)
     layout = RunLayout.of(cfg)
-    t, lora, init_adapter, name, model_path = stage_settings(cfg, stage)
-    seed_everything(t.seed)
+    t, lora, init_adapter, name, model_path = sft_stage(cfg, stage)
     full_ft = lora is None and init_adapter is None
+
+    # ---- what this output is made of; a resume must match it (checked before any work)
+    rows = load_sft_rows(cfg)
+    identity = {
+        "settings": fingerprint.stage_settings(cfg, stage, env.world_size),
+        "inputs": {"model": fingerprint.folder_stamp(model_path), "init_adapter": fingerprint.adapter_digest(init_adapter),
+                   "data": fingerprint.rows_digest(rows)},
+    }
+    check_writable([layout.checkpoint(name), layout.resume(name), layout.metrics(stage), layout.config(stage)])
+    resume_from = resume_point(t, layout.resume(name), identity, "base_train" if stage == "base" else "sft")
+    seed_everything(t.seed)
     if env.is_main:
         save_config(cfg, layout.config(stage))
 
     # ---- model, data
-    t0 = time.perf_counter()
     model, tokenizer = build_policy(cfg, env, model_path, adapter=init_adapter, lora=lora)
-    train, val, n_truncated = load_sft_examples(cfg, tokenizer, t.val_size)
+    train, val, n_truncated = load_sft_examples(cfg, tokenizer, t.val_size, rows)
     trim = accepts_logits_to_keep(model)  # skip the LM head on the shared prompt prefix
     model = shard(model, env, t.activation_checkpointing)
     pad_id = tokenizer.pad_token_id
     loop = TrainLoop(
         model=model, lengths=[len(e.input_ids) for e in train], t=t, env=env, resume_dir=layout.resume(name),
         metrics_path=layout.metrics(stage), desc=stage, trainable_only=not full_ft, show_progress=cfg.run.progress,
+        identity=identity, resume_from=resume_from,
     )
     if env.is_main:
         print(
