@@ -18,28 +18,11 @@ import argparse
 import dataclasses
 import os
 
-import numpy as np
-
-from looper import build_preferences, compare, evaluate, load_config, score_group, train_dpo, trajectory_rewards
+from looper import build_preferences, compare, evaluate, load_config, train_dpo
 from looper.config import default_config_path
 from looper.io import read_jsonl, write_jsonl_atomic
 from looper.layout import RunLayout
-
-
-def rescore(records: list[dict], rw_cfg) -> list[dict]:
-    """New Regime W scores and rewards for every group; texts, answers and grades are kept."""
-    out = []
-    for rec in records:
-        trajs = rec["trajectories"]
-        texts = [t["full_text"] for t in trajs]
-        answers = [t["answer"] for t in trajs]
-        num_tokens = np.array([t["num_tokens"] for t in trajs])
-        correct = np.array([t["correct"] for t in trajs])
-        scores = score_group(texts, answers, num_tokens, rw_cfg)
-        rewards = trajectory_rewards(correct, num_tokens, scores, rw_cfg)
-        new_trajs = [dict(t, cf=float(scores.cf[i]), reward=float(rewards[i])) for i, t in enumerate(trajs)]
-        out.append(dict(rec, **scores.question_fields(), trajectories=new_trajs))
-    return out
+from looper.regime_w.rescore import rescore
 
 
 def main(argv=None) -> dict:
@@ -53,7 +36,7 @@ def main(argv=None) -> dict:
 
     # 1. a different Regime W: consistency-heavy weights, per-trajectory coherence
     rw = dataclasses.replace(cfg.regime_w, w_end=0.2, w_path=0.2, w_cf=0.6, scope="trajectory")
-    records = rescore(read_jsonl(layout.rollouts()), rw)
+    records, _ = rescore(read_jsonl(layout.rollouts()), rw)  # same texts and grades, new scores
 
     # 2. pairs from the new rewards, in a file of their own beside the run's
     pairs = build_preferences(records, cfg.prefs, prompt_template=cfg.data.prompt_template)

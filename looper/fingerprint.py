@@ -41,6 +41,11 @@ _DATA_FOR_QUESTIONS = ("train", "hf_config", "prompt_template", "synthetic")
 _DATA_FOR_EVAL = ("test", "hf_config", "prompt_template", "synthetic")
 
 
+def flatten(value: dict) -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    return _flat(value, "", {})
+
+
 def _flat(value: Any, prefix: str, out: dict) -> dict:
     if isinstance(value, dict):
         for k, v in value.items():

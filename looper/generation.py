@@ -29,7 +29,7 @@ from looper.layout import meta_path, partial_path, partial_paths
 
 MakeRecord = Callable[[dict, list[Sample]], dict]
 
-__all__ = ["run_generation", "generation_meta"]
+__all__ = ["run_generation", "generation_meta", "check_resumable"]
 
 
 # --------------------------------------------------------------------------- sharded runs
@@ -46,8 +46,20 @@ def _existing_records(out_path: str) -> dict[str, dict]:
     return done
 
 
+def check_resumable(out_path: str, meta: dict) -> None:
+    """Raise ``ConfigError`` if ``out_path`` holds results made with other settings than
+    ``meta`` (call it before loading a model: it reads only small files)."""
+    done = os.path.exists(out_path) or bool(partial_paths(out_path))
+    _check_meta(out_path, meta, done)
+
+
 def _check_meta(out_path: str, meta: Optional[dict], has_results: bool) -> None:
-    """Refuse to resume results produced with different settings."""
+    """Refuse to resume results produced with different settings, naming each one.
+
+    Keys under ``meta["info"]`` (paths, labels) are recorded but not compared.
+    """
+    from looper.fingerprint import changes, describe, flatten
+
     if meta is None or not has_results or not os.path.exists(meta_path(out_path)):
         return
     try:
@@ -55,12 +67,13 @@ def _check_meta(out_path: str, meta: Optional[dict], has_results: bool) -> None:
             old = json.load(f)
     except (OSError, ValueError) as e:
         raise DataError(f"{meta_path(out_path)}: unreadable ({e}); move it away to start over") from None
-    new = json.loads(json.dumps(meta))
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if diff:
+    diffs = changes(flatten({k: v for k, v in old.items() if k != "info"}),
+                    flatten({k: v for k, v in meta.items() if k != "info"}))
+    if diffs:
         raise ConfigError(
-            f"{out_path} holds results made with different settings (differs in: {', '.join(diff)}); "
-            "move it away (and its .partial files) or write to another output name"
+            f"{out_path} holds results made with other settings ({describe(diffs)}). Restore them to "
+            "resume it; or redo it (`--force <stage>` in the pipeline, or move the file and its "
+            ".meta.json away); or write to another output name"
         )
 
 
@@ -90,7 +103,10 @@ def run_generation(
     planned batches and appends ``make_record(item, samples)`` (a JSON-able dict with the
     item's ``question_id``) to ``<out_path>.rank<r>.partial``, flushed per record. Rank 0
     then writes ``out_path`` atomically, in input order, and removes the partial files.
-    Every rank returns the merged records.
+    Every rank returns the records of ``items``, in their order.
+
+    Records of other questions already in ``out_path`` (an earlier run over more questions)
+    stay in the file, after those of ``items``: a smaller count never deletes work.
 
     Resume: a rerun skips the question ids already present in ``out_path`` or any partial
     file; a torn last line is dropped; a corrupted line elsewhere raises ``DataError``
@@ -126,7 +142,8 @@ def run_generation(
     if error is not None:
         raise DataError(error)
     records, _ = read_jsonl_prefix(out_path, "question_id")
-    return records
+    wanted = set(ids)
+    return [r for r in records if str(r["question_id"]) in wanted]
 
 
 def _run_batches(engine, items, prompts, ids, batches, done, out_path, make_record, progress, desc) -> None:
@@ -157,7 +174,8 @@ def _run_batches(engine, items, prompts, ids, batches, done, out_path, make_reco
 
 
 def _merge(out_path: str, ids: list[str]) -> None:
-    """Rank 0: final file in input order from the old file and all partials, then clean up."""
+    """Rank 0: final file in input order from the old file and all partials (records of other
+    questions kept after them, in their order), then clean up."""
     done = _existing_records(out_path)
     missing = [q for q in ids if q not in done]
     if missing:
@@ -165,11 +183,17 @@ def _merge(out_path: str, ids: list[str]) -> None:
             f"{out_path}: {len(missing)} question(s) have no result after generation "
             f"(first: {missing[:3]}); did a rank fail? Rerun to resume."
         )
-    write_jsonl_atomic(out_path, (done[q] for q in ids))
+    wanted = set(ids)
+    write_jsonl_atomic(out_path, [done[q] for q in ids] + [r for q, r in done.items() if q not in wanted])
     for p in partial_paths(out_path):
         os.remove(p)
 
 
 def generation_meta(gen_cfg: GenerationConfig, num_samples: int, **extra: Any) -> dict:
-    """A JSON-able description of a generation run, for ``run_generation(meta=...)``."""
-    return {"generation": asdict(gen_cfg), "num_samples": num_samples, **extra}
+    """A JSON-able description of a generation run, for ``run_generation(meta=...)``.
+
+    The batch sizes are left out: how many sequences share a forward does not change what
+    each sample is (every sample has its own seed), so a rerun may change them.
+    """
+    gen = {k: v for k, v in asdict(gen_cfg).items() if k not in ("batch_size", "max_batch_tokens")}
+    return {"generation": gen, "num_samples": num_samples, **extra}

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 
@@ -239,24 +238,42 @@ def check_writable(paths: Sequence[str]) -> None:
             raise DataError(f"cannot write {path}: {folder} is not writable ({e.strerror})") from None
 
 
-_HELD: dict[str, list] = {}  # lock path -> [file descriptor, depth], for re-entry in one process
+_HELD: dict[str, list] = {}  # locked folder -> [file descriptor, depth], for re-entry in one process
+
+
+def _lock_holder(folder: str) -> str:
+    """Who holds the flock on ``folder``: ``pid N: command`` from /proc (Linux), or a shrug."""
+    try:
+        inode = os.stat(folder).st_ino
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5].rsplit(":", 1)[-1] == str(inode):
+                    pid = parts[4]
+                    with open(f"/proc/{pid}/cmdline", "rb") as c:
+                        cmd = c.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+                    return f"pid {pid}: {cmd}"
+    except OSError:
+        pass
+    return "another process"
 
 
 @contextlib.contextmanager
-def run_lock(path: str, folder: str):
-    """Hold an advisory lock on ``path`` (the run folder's lock file) while the block runs.
+def run_lock(folder: str):
+    """Hold an advisory lock on run folder ``folder`` while the block runs.
 
-    A second process asking for the same lock fails at once with a ``DataError`` naming the
-    holder's pid and command. The operating system drops the lock when its process dies, so
-    a crashed run never leaves a stale lock. Re-entrant within one process (the pipeline
-    holds it while its stages take it again). Where ``fcntl`` is missing, nothing is locked.
+    The lock is a ``flock`` on the folder itself, so no file is written for it. A second
+    process asking for it fails at once with a ``DataError`` naming the holder's pid and
+    command. The operating system drops the lock when its process dies, so a crashed run
+    never leaves a stale lock. Re-entrant within one process (the pipeline holds it while
+    its stages take it again). Where ``fcntl`` is missing, nothing is locked.
     """
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    key = os.path.abspath(path)
+    key = os.path.realpath(folder)
     if key in _HELD:
         _HELD[key][1] += 1
         try:
@@ -265,21 +282,18 @@ def run_lock(path: str, folder: str):
             _HELD[key][1] -= 1
         return
     try:
-        os.makedirs(os.path.dirname(key), exist_ok=True)
-        fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+        os.makedirs(key, exist_ok=True)
+        fd = os.open(key, os.O_RDONLY)
     except OSError as e:
-        raise DataError(f"cannot use run folder {folder}: {e.strerror} ({key})") from None
+        raise DataError(f"cannot use run folder {folder}: {e.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown process"
         os.close(fd)
         raise DataError(
-            f"{folder} is in use by another looper process ({holder}); wait for it to finish, "
+            f"{folder} is in use by another looper process ({_lock_holder(key)}); wait for it to finish, "
             "or give this run another run.output_dir"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv) or sys.executable}\n".encode(), 0)
     _HELD[key] = [fd, 1]
     try:
         yield

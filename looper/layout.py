@@ -173,9 +173,6 @@ class RunLayout:
     def plot(self, name: str) -> str:
         return self._p(name)
 
-    @property
-    def lock(self) -> str:
-        return self._p(".looper.lock")
 
 
 # --------------------------------------------------------------------------- sidecar files
@@ -298,7 +295,7 @@ def holds_run_lock(stage_fn):
     def wrapper(cfg, *args, **kwargs):
         if int(os.environ.get("RANK", "0")) != 0:
             return stage_fn(cfg, *args, **kwargs)
-        with run_lock(RunLayout.of(cfg).lock, cfg.run.output_dir):
+        with run_lock(cfg.run.output_dir):
             return stage_fn(cfg, *args, **kwargs)
 
     return wrapper

@@ -74,7 +74,6 @@ def test_round_one_paths_have_the_documented_names(tmp_path):
         "pipeline_state": (lay.pipeline_state, j("pipeline_state.json")),
         "report": (lay.report, j("report.md")),
         "plot": (lay.plot("sft_loss.png"), j("sft_loss.png")),
-        "lock": (lay.lock, j(".looper.lock")),
     }
     for what, (got, want) in expected.items():
         assert got == want, what

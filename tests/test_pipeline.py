@@ -77,7 +77,7 @@ def test_every_artifact_exists_and_each_stage_consumed_the_previous_output(finis
 
     # sft -> rollout: sampled from the SFT adapter, records complete
     meta = json.loads((out / "data/rollouts.jsonl.meta.json").read_text())
-    assert meta["adapter"] == str(sft)
+    assert meta["info"]["adapter"] == str(sft)
     rollouts = read_jsonl(str(out / "data/rollouts.jsonl"))
     assert len(rollouts) == 16
     for rec in rollouts:

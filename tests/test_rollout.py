@@ -142,7 +142,7 @@ def test_records_have_the_design_fields_and_graded_answers(reference, policy):
     # the run's other artifacts; no partial files left behind
     out = reference["out"]
     meta = json.loads((out / "data" / "rollouts.jsonl.meta.json").read_text())
-    assert meta["adapter"] == str(out / "checkpoints" / "sft_lora")  # rollout.adapter=auto
+    assert meta["info"]["adapter"] == str(out / "checkpoints" / "sft_lora")  # rollout.adapter=auto
     assert meta["num_samples"] == K and meta["generation"]["max_new_tokens"] == MAX_NEW
     assert (out / "configs" / "rollout.yaml").is_file()
     assert not list((out / "data").glob("*.partial"))

@@ -15,8 +15,8 @@ from fractions import Fraction
 from typing import Optional, Sequence
 
 from looper.config import Config, save_config
-from looper.io import DataError, read_jsonl, sha256_files, write_json_atomic, write_text_atomic
-from looper.layout import RunLayout, resolve_adapter as resolve_adapter_spec
+from looper.io import DataError, check_writable, read_jsonl, write_json_atomic, write_text_atomic
+from looper.layout import RunLayout, holds_run_lock, resolve_adapter as resolve_adapter_spec
 
 EVAL_SUFFIX = "_eval.jsonl"
 
@@ -115,17 +115,6 @@ def eval_name(cfg: Config, adapter_label: str) -> str:
     return f"{adapter_label}_{_dataset_tag(cfg.eval.dataset)}"
 
 
-def _file_digest(paths: Sequence[str]) -> str:
-    return sha256_files(paths)[:16]
-
-
-def _adapter_digest(path: Optional[str]) -> Optional[str]:
-    if path is None:
-        return None
-    files = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
-    return _file_digest([os.path.join(path, f) for f in files])
-
-
 def load_eval_questions(cfg: Config) -> tuple[list[dict], str]:
     """The questions to evaluate and a description of where they came from."""
     from looper.data.gsm8k import load_questions
@@ -163,16 +152,18 @@ def _make_record(item: dict, samples: list[dict]) -> dict:
     }
 
 
+@holds_run_lock
 def evaluate(cfg: Config) -> dict:
     """Evaluate ``cfg.eval.adapter`` (or the base model) on ``cfg.eval.dataset``.
 
     Writes ``outputs/<name>_eval.jsonl`` and ``outputs/<name>_eval.json`` under
     ``run.output_dir`` and returns the summary. Runs on one process or under torchrun
-    (questions are sharded; rank 0 writes the summary).
+    (questions are sharded; rank 0 writes the summary). A rerun resumes the questions
+    already written, and refuses other settings, naming each one.
     """
-    from looper import dist
+    from looper import dist, fingerprint
     from looper.data.gsm8k import format_prompt
-    from looper.generation import generation_meta, run_generation
+    from looper.generation import check_resumable, generation_meta, run_generation
     from looper.models import ensure_model, load_for_generation
 
     layout = RunLayout.of(cfg)
@@ -185,13 +176,14 @@ def evaluate(cfg: Config) -> dict:
     env = dist.init_distributed(cfg.run.device)
     out_jsonl = layout.eval_records(name)
     model_path = ensure_model(cfg, announce=True)
-    model, tokenizer = load_for_generation(cfg, adapter_path, env.device)
     meta = generation_meta(
-        cfg.eval.generation, 1,
-        dataset=source, prompt_template=cfg.data.prompt_template, model=cfg.model.name_or_path,
-        model_config=_file_digest([os.path.join(model_path, "config.json")]),
-        adapter=adapter_path, adapter_digest=_adapter_digest(adapter_path),
+        cfg.eval.generation, 1, settings=fingerprint.stage_settings(cfg, "eval"),
+        inputs={"model": fingerprint.folder_stamp(model_path), "adapter": fingerprint.adapter_digest(adapter_path)},
+        info={"dataset": source, "adapter": adapter_path, "model": model_path},
     )
+    check_resumable(out_jsonl, meta)  # before any work
+    check_writable([out_jsonl, layout.eval_summary(name), layout.config(f"eval_{name}")])
+    model, tokenizer = load_for_generation(cfg, adapter_path, env.device)
     records = run_generation(
         model, tokenizer, questions, cfg.eval.generation, 1, out_jsonl, _make_record,
         progress=cfg.run.progress, device=env.device, meta=meta, desc=f"eval {name}",
@@ -232,7 +224,9 @@ def _load_eval_file(path: str) -> dict[str, bool]:
         qid = str(rec["question_id"])
         if qid in out:
             raise DataError(f"{path}: duplicate question_id {qid!r}")
-        out[qid] = bool(rec["correct"])
+        if not isinstance(rec["correct"], bool):
+            raise DataError(f"{path}: question {qid!r}: 'correct' must be true or false, got {rec['correct']!r}")
+        out[qid] = rec["correct"]
     return out
 
 
@@ -271,6 +265,10 @@ def compare(files: Sequence[str], markdown_path: Optional[str] = None) -> dict:
         })
     # beside the baseline file by default (a run's outputs/compare.md for the pipeline's files)
     md_path = markdown_path or os.path.join(os.path.dirname(os.path.abspath(files[0])), "compare.md")
+    inputs = {os.path.realpath(f) for f in files}
+    if os.path.realpath(md_path) in inputs:
+        raise DataError(f"compare: the Markdown output {md_path} is one of the eval files being compared; "
+                        "give --markdown another path")
     result = {"baseline": table[0]["name"], "n": len(ids), "note": note, "runs": table, "markdown": md_path}
     text = _markdown(result)
     print(text, end="")

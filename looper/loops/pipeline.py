@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 from looper import dist
 from looper.config import Config, ConfigError, EvalConfig, save_config
 from looper.io import DataError, write_json_atomic
-from looper.layout import RunLayout, stage_outputs
+from looper.layout import RunLayout, holds_run_lock, stage_outputs
 
 STAGES = ("base", "sft", "rollout", "prefs", "dpo", "eval")
 EVALUATED = (("base", None), ("sft", "sft"), ("dpo", "dpo"))  # eval name, eval.adapter
@@ -66,6 +66,24 @@ def _forget(layout: RunLayout, stages: Sequence[str]) -> None:
     dist.barrier()
 
 
+def _check_completed(cfg: Config, done: dict, world_size: int) -> None:
+    """A finished stage is skipped only if it was made with today's settings: otherwise a
+    ``ConfigError`` names each changed key and how to redo the stage."""
+    from looper.fingerprint import changes, describe, stage_settings
+
+    for stage, record in done.items():
+        saved = record.get("settings") if isinstance(record, dict) else None
+        if stage not in STAGES or saved is None:
+            continue  # recorded before settings were kept
+        diffs = changes(saved, stage_settings(cfg, stage, world_size))
+        if diffs:
+            raise ConfigError(
+                f"the {stage} stage of {cfg.run.output_dir} was completed with other settings ({describe(diffs)}). "
+                f"Rerun with --force {stage} to redo it and every stage after it, restore the settings, "
+                "or use another run.output_dir"
+            )
+
+
 def _check_pipeline_settings(cfg: Config) -> None:
     """Settings the pipeline sets itself: giving them would be silently overwritten."""
     default = EvalConfig()
@@ -77,8 +95,15 @@ def _check_pipeline_settings(cfg: Config) -> None:
             )
 
 
+@holds_run_lock
 def run_pipeline(cfg: Config, stages: Optional[Sequence[str]] = None, force: Sequence[str] = ()) -> dict:
-    """Run the selected stages (default: all) in order; returns the comparison summary."""
+    """Run the selected stages (default: all) in order; returns the comparison summary.
+
+    A stage recorded as complete in ``pipeline_state.json`` is skipped when its settings are
+    today's, and refused (before any work) when they are not; ``force`` redoes a stage and
+    every stage after it.
+    """
+    from looper.fingerprint import stage_settings
     from looper.loops.dpo import train_dpo
     from looper.loops.evaluate import compare, evaluate
     from looper.loops.prefs import build_preference_file
@@ -92,12 +117,14 @@ def run_pipeline(cfg: Config, stages: Optional[Sequence[str]] = None, force: Seq
     _check_pipeline_settings(cfg)
     layout = RunLayout.of(cfg)
     env = dist.init_distributed(cfg.run.device)
-    if force:
-        first = min(STAGES.index(s) for s in force)
-        _forget(layout, STAGES[first:])
+    redo = STAGES[min(STAGES.index(s) for s in force):] if force else ()
+    done = _read_state(layout)["completed"]
+    _check_completed(cfg, {k: v for k, v in done.items() if k not in redo}, env.world_size)  # before any work
+    if redo:
+        _forget(layout, redo)
+        done = _read_state(layout)["completed"]
     if env.is_main:
         save_config(cfg, layout.config("pipeline"))
-    done = _read_state(layout)["completed"]
     t_start = time.time()
     summary: dict = {}
 
@@ -130,7 +157,7 @@ def run_pipeline(cfg: Config, stages: Optional[Sequence[str]] = None, force: Seq
                 files = {name: layout.eval_records(name) for name, _ in EVALUATED}
                 summary = compare([files["sft"], files["base"], files["dpo"]], markdown_path=layout.compare_markdown)
             dist.barrier()
-        _mark_done(layout, stage, time.time() - t0)
+        _mark_done(layout, stage, time.time() - t0, settings=stage_settings(cfg, stage, env.world_size))
 
     if env.is_main and "eval" in selected:
         from looper.report import write_report

@@ -5,9 +5,13 @@ No torch here: this stage runs on any machine with numpy, and ``looper prefs`` s
 
 from __future__ import annotations
 
-from looper.config import Config, save_config
+import json
+from typing import Optional
+
+from looper.config import Config, save_config, to_dict
 from looper.io import DataError, iter_jsonl, write_json_atomic, write_jsonl_atomic
-from looper.layout import RunLayout
+from looper.layout import RunLayout, holds_run_lock, meta_path
+from looper.regime_w.rescore import rescore
 from looper.regime_w.preferences import (
     build_preferences,
     check_rollout_record,
@@ -76,8 +80,24 @@ def _why_no_pairs(cfg: Config, summary: dict) -> str:
     return " ".join(parts)
 
 
+def _scored_with(rollouts_path: str) -> Optional[dict]:
+    """The ``regime_w`` settings the rollout stage scored ``rollouts_path`` with (from its
+    ``.meta.json``), or None when it does not say (a file made by hand)."""
+    try:
+        with open(meta_path(rollouts_path), encoding="utf-8") as f:
+            return json.load(f).get("info", {}).get("regime_w")
+    except (OSError, ValueError):
+        return None
+
+
+def _rescorable(rec: dict) -> bool:
+    return all(k in t for t in rec["trajectories"] for k in ("answer", "num_tokens"))
+
+
+@holds_run_lock
 def build_preference_file(cfg: Config) -> dict:
-    """Read the run's rollouts (``RunLayout.rollouts``), build the pairs (``cfg.prefs``,
+    """Read the run's rollouts (``RunLayout.rollouts``), rescore them with ``cfg.regime_w``
+    (so ``regime_w.*`` overrides apply without sampling again), build the pairs (``cfg.prefs``,
     prompts from ``cfg.data.prompt_template`` unless a record carries its own ``prompt``),
     write ``RunLayout.preferences`` atomically, print and return the summary, and save the
     resolved config under ``configs/prefs.yaml``.
@@ -88,6 +108,11 @@ def build_preference_file(cfg: Config) -> dict:
     src = layout.rollouts()
     dst = layout.preferences()
     records = read_rollouts(src)
+    scored_with = _scored_with(src)
+    if scored_with is not None and scored_with != to_dict(cfg.regime_w) and all(_rescorable(r) for r in records):
+        # the rollouts were scored under other regime_w settings: today's decide the rewards
+        records, changed = rescore(records, cfg.regime_w)
+        print(f"[prefs] rescored {changed} of {len(records)} groups with the current regime_w settings")
     pairs = build_preferences(records, cfg.prefs, prompt_template=cfg.data.prompt_template)
     summary = summarize(records, pairs, bins=cfg.prefs.hist_bins)
     if not pairs:

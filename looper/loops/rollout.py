@@ -12,14 +12,15 @@ import time
 
 import numpy as np
 
-from looper import dist
-from looper.config import Config, save_config
+from looper import dist, fingerprint
+from looper.config import Config, save_config, to_dict
 from looper.data.gsm8k import extract_answer, format_prompt, is_correct, load_questions
-from looper.generation import generation_meta, run_generation
-from looper.io import DataError, write_json_atomic
-from looper.layout import RunLayout, resolve_adapter
-from looper.models import load_for_generation
-from looper.regime_w import answer_key, score_group, trajectory_rewards
+from looper.generation import check_resumable, generation_meta, run_generation
+from looper.io import DataError, check_writable, read_jsonl, write_json_atomic, write_jsonl_atomic
+from looper.layout import RunLayout, holds_run_lock, resolve_adapter
+from looper.models import ensure_model, load_for_generation
+from looper.regime_w import answer_key
+from looper.regime_w.rescore import rescore, score_record
 
 
 def resolve_policy_adapter(cfg: Config):
@@ -30,32 +31,26 @@ def resolve_policy_adapter(cfg: Config):
 
 
 def make_rollout_record(question: dict, samples: list[dict], cfg: Config) -> dict:
-    """Grade and score one group of K samples."""
+    """Grade one group of K samples and score it with Regime W (``score_record``)."""
     texts = [s["text"] for s in samples]
     answers = [extract_answer(t) for t in texts]
-    correct = np.array([is_correct(a, question["gold"]) for a in answers], dtype=bool)
-    num_tokens = np.array([s["num_tokens"] for s in samples], dtype=np.int64)
-    scores = score_group(texts, answers, num_tokens, cfg.regime_w)
-    rewards = trajectory_rewards(correct, num_tokens, scores, cfg.regime_w)
-    return {
+    rec = {
         "question_id": question["question_id"],
         "question": question["question"],
         "prompt": question["prompt"],
         "gold": question["gold"],
-        **scores.question_fields(),
         "trajectories": [
             {
-                "full_text": texts[i],
-                "answer": answers[i],
-                "num_tokens": int(num_tokens[i]),
-                "correct": bool(correct[i]),
-                "finished": bool(samples[i]["finished"]),
-                "cf": float(scores.cf[i]),
-                "reward": float(rewards[i]),
+                "full_text": text,
+                "answer": answer,
+                "num_tokens": int(sample["num_tokens"]),
+                "correct": bool(is_correct(answer, question["gold"])),
+                "finished": bool(sample["finished"]),
             }
-            for i in range(len(samples))
+            for text, answer, sample in zip(texts, answers, samples)
         ],
     }
+    return score_record(rec, cfg.regime_w)
 
 
 def majority_answer(answers: list, max_digits: int = 30):
@@ -113,12 +108,28 @@ def format_rollout_summary(s: dict) -> str:
     )
 
 
+@holds_run_lock
 def collect_rollouts(cfg: Config) -> dict:
-    """Sample, grade and score; write ``data/rollouts.jsonl``; return the summary."""
+    """Sample, grade and score; write ``data/rollouts.jsonl``; return the summary.
+
+    A rerun with the same settings resumes (or skips) the questions already written; other
+    settings are refused, naming each one (``looper.fingerprint``). Records are always
+    scored with the current ``regime_w`` settings: a file written under other ones is
+    rescored whole, never mixed.
+    """
     r = cfg.rollout
     layout = RunLayout.of(cfg)
     env = dist.init_distributed(cfg.run.device)
     adapter = resolve_policy_adapter(cfg)
+    out_path = layout.rollouts()
+    model_path = ensure_model(cfg, announce=True)
+    meta = generation_meta(
+        r.generation, r.k, settings=fingerprint.stage_settings(cfg, "rollout"),
+        inputs={"adapter": fingerprint.adapter_digest(adapter), "model": fingerprint.folder_stamp(model_path)},
+        info={"adapter": adapter, "model": model_path, "stage": "rollout", "regime_w": to_dict(cfg.regime_w)},
+    )
+    check_resumable(out_path, meta)  # before any work
+    check_writable([out_path, layout.rollouts_summary(), layout.config("rollout")])
     source = r.dataset if r.dataset is not None else cfg.data.train
     questions = load_questions(source, "train", cfg.data)
     if r.n_questions >= 0:  # -1 = all
@@ -131,17 +142,33 @@ def collect_rollouts(cfg: Config) -> dict:
         save_config(cfg, layout.config("rollout"))
 
     model, tokenizer = load_for_generation(cfg, adapter, env.device)
-    out_path = layout.rollouts()
-    meta = generation_meta(r.generation, r.k, model=cfg.model.name_or_path, adapter=adapter, stage="rollout")
     t0 = time.perf_counter()
     records = run_generation(
         model, tokenizer, questions, r.generation, r.k, out_path,
         make_record=lambda q, samples: make_rollout_record(q, samples, cfg),
         progress=cfg.run.progress, meta=meta, desc="rollout",
     )
+    if env.is_main:
+        rescore_file(out_path, cfg)
+    dist.barrier()
+    records = rescore(records, cfg.regime_w)[0]
     summary = rollout_summary(records, cfg.regime_w.max_number_digits)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary["records_in_file"] = len(read_jsonl(out_path))
     if env.is_main:
         write_json_atomic(layout.rollouts_summary(), summary)
         print(format_rollout_summary(summary))
+        if summary["records_in_file"] > summary["questions"]:
+            print(f"[rollout] used {summary['questions']} of the {summary['records_in_file']} records in {out_path} "
+                  "(rollout.n_questions); the others are kept")
     return summary
+
+
+def rescore_file(path: str, cfg: Config) -> int:
+    """Rescore every record of a rollouts file with ``cfg.regime_w``; rewrite it (atomically)
+    when any record changes. Returns how many changed."""
+    records, changed = rescore(read_jsonl(path), cfg.regime_w)
+    if changed:
+        write_jsonl_atomic(path, records)
+        print(f"[rollout] rescored {changed} record(s) of {path} with the current regime_w settings")
+    return changed
