@@ -135,8 +135,9 @@ class GenerationConfig:
 class RolloutConfig:
     k: int = 8
     n_questions: int = -1  # -1 = all
+    offset: int = 0  # skip this many questions of the dataset first
     dataset: Optional[str] = None  # None = data.train (or synthetic)
-    adapter: Optional[str] = "auto"  # auto = checkpoints/sft_lora; none/null = base model
+    adapter: Optional[str] = "auto"  # auto = the round's policy (round 1: checkpoints/sft_lora); none = base
     generation: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(temperature=1.0, top_p=1.0)
     )
@@ -191,11 +192,12 @@ class DPOConfig(TrainConfig):
     lr: float = 5e-6
     beta: float = 0.1
     label_smoothing: float = 0.0
-    nll_weight: float = 0.0
+    nll_weight: float = 0.0  # RPO: weight of the length-normalized NLL of the chosen completion
+    dpop_lambda: float = 0.0  # DPO-Positive: weight of max(0, log pi_ref(y_w) - log pi(y_w)) in the sigmoid
     reference: Literal["precomputed", "online"] = "precomputed"
-    adapter: Optional[str] = "auto"  # auto = checkpoints/sft_lora
-    pairs: Optional[str] = None  # None = data/preferences.jsonl
-    output_name: str = "dpo_lora"
+    adapter: Optional[str] = "auto"  # auto = the round's starting policy (round 1: checkpoints/sft_lora)
+    pairs: Optional[str] = None  # None = the round's pair file (data/preferences.jsonl in round 1)
+    output_name: str = "dpo_lora"  # round 1's adapter; round r writes <stem>_r<r>_lora
 
 
 @dataclass
@@ -205,6 +207,16 @@ class EvalConfig:
     adapter: Optional[str] = None  # path, "sft"/"dpo" shortcuts, or None/"none" = base
     n_questions: int = -1
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+@dataclass
+class PipelineConfig:
+    """Iterative rounds of on-policy DPO (Iterative RPO, Pang et al. 2024)."""
+
+    rounds: int = 1  # rollout -> pairs -> DPO, this many times; round r starts from round r-1's policy
+    round: int = 1  # the round a single stage command works on (its file names and default adapters)
+    # round r samples questions [offset + (r-1)*n, offset + r*n) instead of the same n each round
+    fresh_questions: bool = False
 
 
 @dataclass
@@ -230,6 +242,7 @@ class Config:
     prefs: PrefsConfig = field(default_factory=PrefsConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 # --------------------------------------------------------------------------- bounds
@@ -293,6 +306,7 @@ BOUNDS: dict[type, dict[str, Check]] = {
     SFTConfig: {"output_name": PLAIN_NAME},
     DPOConfig: {
         "beta": above(0), "label_smoothing": between(0.0, 0.5, hi_open=True), "nll_weight": at_least(0),
+        "dpop_lambda": at_least(0),
         "output_name": PLAIN_NAME,
     },
     GenerationConfig: {
@@ -300,7 +314,8 @@ BOUNDS: dict[type, dict[str, Check]] = {
         "max_batch_tokens": at_least(1),
         "top_p": Check(lambda v: 0 < v <= 1, "in (0, 1]"),
     },
-    RolloutConfig: {"k": at_least(1), "n_questions": COUNT_OR_ALL},
+    RolloutConfig: {"k": at_least(1), "n_questions": COUNT_OR_ALL, "offset": at_least(0)},
+    PipelineConfig: {"rounds": at_least(1), "round": at_least(1)},
     RegimeWConfig: {
         "w_end": between(0.0, 1.0), "w_path": between(0.0, 1.0), "w_cf": between(0.0, 1.0),
         "step_weight": between(0.0, 1.0), "lam": at_least(0), "free_tokens": at_least(0), "rel_tol": at_least(0),

@@ -83,8 +83,10 @@ def stage_settings(cfg: Config, stage: str, world_size: int = 1) -> dict[str, An
                 **_training(c, "sft", world_size, ("init_adapter",)), **seed}
     if stage == "rollout":
         gen = _section(c["rollout"], "generation", _GEN_NOT_COMPARED)
+        first = cfg.rollout.offset + (cfg.pipeline.round - 1) * cfg.rollout.n_questions * cfg.pipeline.fresh_questions
         return {**model, **_section(c, "data", keep=_DATA_FOR_QUESTIONS), "rollout.k": cfg.rollout.k,
-                "rollout.dataset": cfg.rollout.dataset, **{f"rollout.{k}": v for k, v in gen.items()}}
+                "rollout.dataset": cfg.rollout.dataset, "rollout.first question": first,
+                "pipeline.round (sampling seed)": cfg.pipeline.round, **{f"rollout.{k}": v for k, v in gen.items()}}
     if stage == "prefs":
         return {**_section(c, "prefs", ("hist_bins",)), **_section(c, "regime_w"),
                 "data.prompt_template": cfg.data.prompt_template}

@@ -40,6 +40,7 @@ from typing import Optional
 from looper.io import run_lock
 
 TINY = "tiny"  # model.name_or_path that builds the offline tiny model
+ROUND_STAGES = ("rollout", "prefs", "dpo")  # the stages each round of iterative DPO repeats
 
 # adapter settings that mean "no adapter: the base model"
 _NO_ADAPTER = ("", "none", "null", "base")
@@ -54,6 +55,7 @@ class RunLayout:
     has_base_stage: bool  # the tiny model is given a base ability first (base_train)
     sft_name: str
     dpo_name: str
+    round: int = 1  # the round that rollout, prefs and dpo read and write by default
 
     @classmethod
     def of(cls, cfg) -> "RunLayout":
@@ -63,7 +65,11 @@ class RunLayout:
             has_base_stage=cfg.model.name_or_path == TINY and cfg.base_train is not None,
             sft_name=cfg.sft.output_name,
             dpo_name=cfg.dpo.output_name,
+            round=cfg.pipeline.round,
         )
+
+    def _r(self, round: Optional[int]) -> int:
+        return self.round if round is None else round
 
     def _p(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
@@ -101,31 +107,41 @@ class RunLayout:
     def sft_adapter(self) -> str:
         return self.checkpoint(self.sft_name)
 
-    def dpo_output_name(self, round: int = 1) -> str:
-        if round == 1:
+    def dpo_output_name(self, round: Optional[int] = None) -> str:
+        r = self._r(round)
+        if r == 1:
             return self.dpo_name
         stem = self.dpo_name[: -len("_lora")] if self.dpo_name.endswith("_lora") else self.dpo_name
-        return f"{stem}_r{round}_lora"
+        return f"{stem}_r{r}_lora"
 
-    def dpo_adapter(self, round: int = 1) -> str:
+    def dpo_adapter(self, round: Optional[int] = None) -> str:
         return self.checkpoint(self.dpo_output_name(round))
+
+    def policy(self, round: Optional[int] = None) -> str:
+        """The adapter round ``round`` samples from and starts DPO from (and whose frozen copy
+        is its reference): the SFT adapter for round 1, round r-1's DPO adapter after."""
+        r = self._r(round)
+        return self.sft_adapter if r == 1 else self.dpo_adapter(r - 1)
 
     # ---- data
     @staticmethod
     def round_suffix(round: int = 1) -> str:
         return "" if round == 1 else f"_r{round}"
 
-    def rollouts(self, round: int = 1) -> str:
-        return self._p("data", f"rollouts{self.round_suffix(round)}.jsonl")
+    def _named(self, stem: str, round: Optional[int]) -> str:
+        return f"{stem}{self.round_suffix(self._r(round))}"
 
-    def rollouts_summary(self, round: int = 1) -> str:
-        return self._p("data", f"rollouts{self.round_suffix(round)}_summary.json")
+    def rollouts(self, round: Optional[int] = None) -> str:
+        return self._p("data", f"{self._named('rollouts', round)}.jsonl")
 
-    def preferences(self, round: int = 1) -> str:
-        return self._p("data", f"preferences{self.round_suffix(round)}.jsonl")
+    def rollouts_summary(self, round: Optional[int] = None) -> str:
+        return self._p("data", f"{self._named('rollouts', round)}_summary.json")
 
-    def preferences_summary(self, round: int = 1) -> str:
-        return self._p("data", f"preferences{self.round_suffix(round)}_summary.json")
+    def preferences(self, round: Optional[int] = None) -> str:
+        return self._p("data", f"{self._named('preferences', round)}.jsonl")
+
+    def preferences_summary(self, round: Optional[int] = None) -> str:
+        return self._p("data", f"{self._named('preferences', round)}_summary.json")
 
     def preferences_variant(self, tag: str) -> str:
         """A research variant's own pair file, beside the run's (``preferences_<tag>.jsonl``)."""
@@ -156,11 +172,15 @@ class RunLayout:
     def compare_variant(self, tag: str) -> str:
         return self._p("outputs", f"compare_{tag}.md")
 
-    def metrics(self, stage: str) -> str:
-        return self._p("metrics", f"{stage}.jsonl")
+    def stage_name(self, stage: str, round: Optional[int] = None) -> str:
+        """``dpo`` -> ``dpo_r2`` in round 2: the name of a per-round stage's metrics and config."""
+        return self._named(stage, round) if stage in ROUND_STAGES else stage
 
-    def config(self, stage: str) -> str:
-        return self._p("configs", f"{stage}.yaml")
+    def metrics(self, stage: str, round: Optional[int] = None) -> str:
+        return self._p("metrics", f"{self.stage_name(stage, round)}.jsonl")
+
+    def config(self, stage: str, round: Optional[int] = None) -> str:
+        return self._p("configs", f"{self.stage_name(stage, round)}.yaml")
 
     @property
     def pipeline_state(self) -> str:
@@ -193,7 +213,7 @@ def partial_paths(out_path: str) -> list[str]:
     return sorted(glob.glob(glob.escape(out_path) + ".rank*.partial"))
 
 
-def stage_outputs(layout: RunLayout, stage: str, round: int = 1) -> list[str]:
+def stage_outputs(layout: RunLayout, stage: str, round: Optional[int] = None) -> list[str]:
     """What a pipeline stage writes (outputs and resume states); removed when it is forced."""
     def trained(name: str) -> list[str]:
         return [layout.checkpoint(name), layout.resume(name)]
@@ -245,7 +265,7 @@ def resolve_adapter(layout: RunLayout, spec: Optional[str], key: str, auto: Opti
     elif raw.lower() == "sft":
         path = layout.sft_adapter
     elif raw.lower() == "dpo":
-        path = layout.dpo_adapter()
+        path = layout.dpo_adapter()  # this round's
     else:
         path = os.path.expanduser(raw)
     if adapter_missing(path):

@@ -320,7 +320,7 @@ def test_killed_run_resumes_to_the_same_adapter_and_metrics(dpo_overrides, dpo_c
     killed, full = tmp_path / "killed", tmp_path / "full"
     cfg_k = dpo_cfg(killed, **settings)
     stall_step = 7
-    proc = kill_training_run(tmp_path, "looper.loops.dpo", "dpo_loss", "train_dpo", dpo_overrides(killed, **settings),
+    proc = kill_training_run(tmp_path, "looper.loops.dpo", "dpo_objective", "train_dpo", dpo_overrides(killed, **settings),
                              stall_call=(stall_step - 1) * 2 + 1)
     assert proc.returncode == -signal.SIGKILL
 
@@ -505,15 +505,17 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(dpo_cfg, tmp
     import looper.loops.dpo as dpo
 
     cfg = dpo_cfg(tmp_path, dpo__max_steps=5, dpo__save_every=2, dpo__batch_size=4, dpo__grad_accum=1)
-    real = dpo.dpo_loss
+    real = dpo.dpo_objective
     calls = [0]
 
     def nan_from_step_3(*args, **kwargs):
-        losses, cr, rr = real(*args, **kwargs)
-        calls[0] += torch.is_grad_enabled()  # one training call per step
-        return (losses * float("nan") if calls[0] >= 3 else losses), cr, rr
+        out = real(*args, **kwargs)
+        calls[0] += 1  # one training call per step
+        if calls[0] >= 3:
+            out = {**out, "total": out["total"] * float("nan"), "dpo": out["dpo"] * float("nan")}
+        return out
 
-    monkeypatch.setattr(dpo, "dpo_loss", nan_from_step_3)
+    monkeypatch.setattr(dpo, "dpo_objective", nan_from_step_3)
     with pytest.raises(FloatingPointError, match=r"step 3\b") as info:
         train_dpo(cfg)
     assert os.path.join(resume_root(cfg), "step-2") in str(info.value)
@@ -547,3 +549,59 @@ def test_a_step_that_evaluated_is_logged_off_the_log_interval(dpo_cfg, tmp_path)
     m = metrics(cfg)
     assert [r["step"] for r in m] == [5, 10]
     assert all("eval/loss" in r and "eval/rewards/accuracies" in r for r in m)
+
+
+# --------------------------------------------------------------------------- the run folder contract
+
+
+def _snapshot(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def test_a_finished_run_refuses_another_beta_and_leaves_the_folder_alone(dpo_cfg, tmp_path):
+    cfg = dpo_cfg(tmp_path / "run", dpo__max_steps=2)
+    train_dpo(cfg)
+    before = _snapshot(tmp_path / "run")
+    assert "configs/dpo.yaml" in before and "checkpoints/dpo_lora/looper_info.json" in before
+    with pytest.raises(ConfigError) as info:
+        train_dpo(dpo_cfg(tmp_path / "run", dpo__max_steps=2, dpo__beta=0.2))
+    msg = str(info.value)
+    assert "dpo.beta: 0.1 -> 0.2" in msg and "dpo.resume=none" in msg, msg
+    assert "beta: 0.1" in (tmp_path / "run" / "configs" / "dpo.yaml").read_text()
+    assert json.loads((tmp_path / "run" / "checkpoints" / "dpo_lora" / "looper_info.json").read_text())["beta"] == 0.1
+    assert _snapshot(tmp_path / "run") == before
+
+
+def test_identical_pairs_are_dropped_with_a_count(dpo_cfg, assets, tmp_path, capsys):
+    recs = [dict(r) for r in assets.records]
+    for i in (3, 7):
+        recs[i]["rejected"] = recs[i]["chosen"]
+    pairs = write_pairs(tmp_path / "same.jsonl", recs)
+    cfg = dpo_cfg(tmp_path / "run", pairs=pairs, dpo__max_steps=2)
+    result = train_dpo(cfg)
+    out = capsys.readouterr().out
+    assert f"[dpo] {pairs}: dropped 2 pair(s) whose chosen and rejected texts are identical" in out, out
+    assert f"[dpo] {N_PAIRS - 2} train / 0 val pairs" in out, out
+    assert result.steps == 2 and [r["step"] for r in metrics(cfg)] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in metrics(cfg))
+
+
+def test_a_repeated_pair_id_names_both_lines(dpo_cfg, assets, tmp_path):
+    recs = [dict(r) for r in assets.records[:6]]
+    recs[4]["pair_id"] = recs[1]["pair_id"]
+    pairs = write_pairs(tmp_path / "dup.jsonl", recs)
+    cfg = dpo_cfg(tmp_path / "run", pairs=pairs)
+    with pytest.raises(DataError, match=rf"{pairs}:5: pair_id 'pair-1' repeats line 2"):
+        train_dpo(cfg)
+    assert_nothing_written(cfg)
+
+
+def test_a_non_utf8_pair_file_names_the_line(dpo_cfg, assets, tmp_path):
+    pairs = tmp_path / "bytes.jsonl"
+    lines = [json.dumps(r).encode() for r in assets.records[:4]]
+    lines[1] = lines[1].replace(b'"pair-1"', b'"pair-\xff"')
+    pairs.write_bytes(b"\n".join(lines) + b"\n")
+    cfg = dpo_cfg(tmp_path / "run", pairs=pairs)
+    with pytest.raises(DataError, match=rf"{pairs}:2: not UTF-8"):
+        train_dpo(cfg)
+    assert_nothing_written(cfg)

@@ -8,6 +8,8 @@ import torch
 from looper.losses.dpo import (
     chosen_nll,
     dpo_loss,
+    dpo_objective,
+    dpop_penalty,
     num_completion_tokens,
     preference_metrics,
     sequence_logps,
@@ -157,6 +159,65 @@ def test_validation_errors():
         dpo_loss(x, x, x, x, label_smoothing=-0.01)
     with pytest.raises(ValueError, match="floating"):
         dpo_loss(torch.tensor([1, 2]), x, x, x)
+
+
+# ---------------------------------------------------------------------------
+# DPO-Positive (Pal et al. 2024) and the combined objective (RPO's NLL term)
+# ---------------------------------------------------------------------------
+
+
+def test_dpop_hand_derived_value():
+    # chosen log-ratio -2, rejected -3: h = beta * (1 - lambda * max(0, rc - pc)) = 1 * (1 - 2 * 2) = -3
+    pc, pr, rc, rr = t(-3.0, grad=True), t(-5.0), t(-1.0), t(-2.0)
+    losses, cr, rr_ = dpo_loss(pc, pr, rc, rr, beta=1.0, dpop_lambda=2.0)
+    assert losses.item() == pytest.approx(math.log1p(math.exp(3.0)), abs=1e-6)  # -log sigmoid(-3)
+    # the rewards stay the plain beta * log-ratios: the penalty is part of the loss only
+    assert cr.item() == pytest.approx(-2.0) and rr_.item() == pytest.approx(-3.0)
+    # d/dpc of -log sigmoid(h), h = (pc - rc) - (pr - rr) - 2 * (rc - pc): dh/dpc = 3
+    losses.backward()
+    assert pc.grad.item() == pytest.approx(-(1 - 1 / (1 + math.exp(3.0))) * 3.0, abs=1e-6)
+
+
+def test_dpop_penalty_is_zero_when_the_policy_keeps_the_chosen_likelihood():
+    pc, pr, rc, rr = t(-1.0, -2.0), t(-4.0, -3.0), t(-2.0, -2.0), t(-3.0, -3.0)  # pc >= rc in both rows
+    torch.testing.assert_close(dpop_penalty(pc, rc), t(0.0, 0.0))
+    plain, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.3)
+    positive, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.3, dpop_lambda=50.0)
+    assert torch.equal(plain, positive)
+    torch.testing.assert_close(dpop_penalty(t(-5.0), t(-2.0)), t(3.0))
+
+
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+def test_dpop_gradients_match_a_naive_formula(ls):
+    g = torch.Generator().manual_seed(3)
+    pc, pr, rc, rr = (torch.randn(16, generator=g, dtype=torch.float64) * 3 for _ in range(4))
+    pc.requires_grad_(), pr.requires_grad_()
+    beta, lam = 0.2, 5.0
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=ls, dpop_lambda=lam)
+    pc2, pr2 = pc.detach().clone().requires_grad_(), pr.detach().clone().requires_grad_()
+    h = beta * ((pc2 - rc) - (pr2 - rr) - lam * torch.relu(rc - pc2))
+    naive = -(1 - ls) * torch.log(torch.sigmoid(h)) - ls * torch.log(torch.sigmoid(-h))
+    torch.testing.assert_close(losses, naive)
+    losses.sum().backward()
+    naive.sum().backward()
+    torch.testing.assert_close(pc.grad, pc2.grad)
+    torch.testing.assert_close(pr.grad, pr2.grad)
+    assert (rc > pc).any() and (rc < pc).any()  # both sides of the hinge were exercised
+
+
+def test_objective_adds_the_length_normalized_nll_and_nll_weight_zero_is_the_plain_loss():
+    pc, pr, rc, rr = t(-6.0, -2.0), t(-7.0, -1.0), t(-5.0, -2.5), t(-6.0, -1.5)
+    n = torch.tensor([3, 4])
+    plain, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    out0 = dpo_objective(pc, pr, rc, rr, n, beta=0.1)
+    assert torch.equal(out0["total"], plain) and torch.equal(out0["dpo"], plain)
+    out = dpo_objective(pc, pr, rc, rr, n, beta=0.1, nll_weight=0.5)
+    torch.testing.assert_close(out["nll"], t(2.0, 0.5))  # 6/3, 2/4
+    torch.testing.assert_close(out["total"], plain + 0.5 * t(2.0, 0.5))
+    with pytest.raises(ValueError, match="nll_weight"):
+        dpo_objective(pc, pr, rc, rr, n, nll_weight=-1.0)
+    with pytest.raises(ValueError, match="dpop_lambda"):
+        dpo_loss(pc, pr, rc, rr, dpop_lambda=-1.0)
 
 
 # ---------------------------------------------------------------------------

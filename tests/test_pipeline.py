@@ -98,7 +98,7 @@ def test_every_artifact_exists_and_each_stage_consumed_the_previous_output(finis
     # prefs + sft -> dpo
     dpo = out / "checkpoints/dpo_lora"
     info = json.loads((dpo / "looper_info.json").read_text())
-    assert info["sft_adapter"] == str(sft) and info["steps"] == 3
+    assert info["start_adapter"] == info["reference_adapter"] == str(sft) and info["steps"] == 3
     dpo_metrics = [json.loads(line) for line in (out / "metrics/dpo.jsonl").read_text().splitlines()]
     assert [m["step"] for m in dpo_metrics] == [1, 2, 3]
     assert abs(dpo_metrics[0]["loss"] - 0.6931471805599453) < 1e-4  # policy == reference at step 1

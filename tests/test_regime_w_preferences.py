@@ -233,3 +233,19 @@ def test_summary_counts_and_histograms():
     empty = summarize([], [])
     assert empty["n_pairs"] == 0 and empty["margin_hist"] == {"counts": [], "edges": []}
     assert "(none)" in format_summary(empty)
+
+
+def test_a_pair_with_an_empty_side_is_skipped():
+    """Regression: a trajectory that stopped at once (empty text) became a rejected text that
+    `looper dpo` refuses, so one such pair made the whole pair file unusable."""
+    from looper.config import PrefsConfig
+    from looper.regime_w import build_preferences
+
+    trajs = [
+        {"full_text": "3 + 4 = 7\n#### 7", "correct": True, "reward": 1.5},
+        {"full_text": "", "correct": False, "reward": 0.2},
+        {"full_text": "  \n", "correct": False, "reward": 0.1},
+        {"full_text": "3 + 4 = 8\n#### 8", "correct": False, "reward": 0.3},
+    ]
+    pairs = build_preferences([{"question_id": "q", "question": "?", "trajectories": trajs}], PrefsConfig())
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("3 + 4 = 7\n#### 7", "3 + 4 = 8\n#### 8")]

@@ -29,7 +29,7 @@ from looper.config import Config, ConfigError, save_config
 from looper.data.tokenize import PairEncoded, collate_pairs, encode_pair
 from looper.io import DataError, check_writable, iter_jsonl, sha256_files
 from looper.layout import RunLayout, holds_run_lock, resolve_adapter
-from looper.losses.dpo import chosen_nll, dpo_loss, num_completion_tokens, preference_metrics, sequence_logps
+from looper.losses.dpo import dpo_loss, dpo_objective, num_completion_tokens, preference_metrics, sequence_logps
 from looper.loops.common import (
     TrainLoop, TrainResult, accepts_logits_to_keep, build_policy, equal_shards,
     loss_logits, resume_point, seed_everything, shard, split_val,
@@ -44,10 +44,10 @@ METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewa
 
 
 def resolve_inputs(cfg: Config) -> tuple[str, str]:
-    """The starting adapter (``auto``: the SFT adapter) and the pair file, checked before
-    anything is built."""
+    """The starting adapter (``auto``: the round's policy, i.e. the SFT adapter in round 1 and
+    round r-1's DPO adapter in round r) and the pair file, checked before anything is built."""
     layout = RunLayout.of(cfg)
-    adapter = resolve_adapter(layout, cfg.dpo.adapter, "dpo.adapter", auto=layout.sft_adapter)
+    adapter = resolve_adapter(layout, cfg.dpo.adapter, "dpo.adapter", auto=layout.policy())
     if adapter is None:
         raise ConfigError("dpo.adapter: DPO needs an adapter to start from (policy and reference both start from it)")
     pairs = cfg.dpo.pairs or layout.preferences()
@@ -215,6 +215,7 @@ def train_dpo(cfg: Config) -> TrainResult:
     env = dist.init_distributed(cfg.run.device)
     layout = RunLayout.of(cfg)
     adapter, pairs_path = resolve_inputs(cfg)
+    name = layout.dpo_output_name()  # dpo.output_name in round 1, <stem>_r<r>_lora after
     model_path = ensure_model(cfg, announce=True)
 
     # ---- what this output is made of; a resume must match it (checked before any work)
@@ -223,9 +224,8 @@ def train_dpo(cfg: Config) -> TrainResult:
         "inputs": {"model": fingerprint.folder_stamp(model_path), "adapter": fingerprint.adapter_digest(adapter),
                    "pairs": fingerprint.file_digest(pairs_path)},
     }
-    check_writable([layout.checkpoint(t.output_name), layout.resume(t.output_name), layout.metrics("dpo"),
-                    layout.config("dpo"), layout.cache])
-    resume_from = resume_point(t, layout.resume(t.output_name), identity, "dpo")
+    check_writable([layout.checkpoint(name), layout.resume(name), layout.metrics("dpo"), layout.config("dpo"), layout.cache])
+    resume_from = resume_point(t, layout.resume(name), identity, "dpo")
     seed_everything(t.seed)
     if env.is_main:
         save_config(cfg, layout.config("dpo"))
@@ -265,13 +265,13 @@ def train_dpo(cfg: Config) -> TrainResult:
     # ---- optimizer, schedule, resume
     t0 = time.perf_counter()
     loop = TrainLoop(
-        model=model, lengths=[e.length for e in train], t=t, env=env, resume_dir=layout.resume(t.output_name),
+        model=model, lengths=[e.length for e in train], t=t, env=env, resume_dir=layout.resume(name),
         metrics_path=layout.metrics("dpo"), desc="dpo", trainable_only=True, show_progress=cfg.run.progress,
         identity={**identity, "reference_key": key}, resume_from=resume_from,
     )
     if env.is_main:
         print(
-            f"[dpo] {len(train)} train / {len(val)} val pairs ({n_truncated} truncated), {loop.n_steps} steps of "
+            f"[{layout.stage_name('dpo')}] {len(train)} train / {len(val)} val pairs ({n_truncated} truncated), {loop.n_steps} steps of "
             f"{t.batch_size}x{t.grad_accum}x{env.world_size} pairs, reference {t.reference} (key {key}), "
             f"adapter {adapter}" + (f", resuming at step {loop.step}" if loop.step else "")
         )
@@ -296,14 +296,15 @@ def train_dpo(cfg: Config) -> TrainResult:
                 ref_c, ref_r = train_ref[idx, 0].to(env.device), train_ref[idx, 1].to(env.device)
             dist.set_grad_sync(model, i == len(micro) - 1)
             pol_c, pol_r = concat_logps(model, batch, len(idx))
-            losses, cr, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=t.beta, label_smoothing=t.label_smoothing)
-            nll = chosen_nll(pol_c, num_completion_tokens(batch["labels"][: len(idx)]))
-            total = losses.sum() + t.nll_weight * nll.sum()
+            out = dpo_objective(
+                pol_c, pol_r, ref_c, ref_r, num_completion_tokens(batch["labels"][: len(idx)]), beta=t.beta,
+                label_smoothing=t.label_smoothing, dpop_lambda=t.dpop_lambda, nll_weight=t.nll_weight,
+            )
             # FSDP averages gradients over ranks: scale so the result is d(mean over global pairs)
-            (total * env.world_size / global_pairs).backward()
-            sums["loss"] += losses.detach().sum()
-            sums["nll"] += nll.detach().sum()
-            for k, v in preference_metrics(cr, rr, pol_c, pol_r).items():
+            (out["total"].sum() * env.world_size / global_pairs).backward()
+            sums["loss"] += out["dpo"].detach().sum()
+            sums["nll"] += out["nll"].detach().sum()
+            for k, v in preference_metrics(out["chosen_rewards"], out["rejected_rewards"], pol_c, pol_r).items():
                 sums[k] += v.sum()
         # one collective and one device sync for all the step's metrics
         means = dict(zip(sums, (dist.all_reduce_sum(torch.stack(list(sums.values()))) / global_pairs).tolist()))
@@ -318,10 +319,11 @@ def train_dpo(cfg: Config) -> TrainResult:
     phases["steps"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    out_dir = layout.checkpoint(t.output_name)
-    info = {"stage": "dpo", "steps": loop.step, "base_model": model_path, "sft_adapter": adapter, "beta": t.beta}
+    out_dir = layout.checkpoint(name)
+    info = {"stage": layout.stage_name("dpo"), "steps": loop.step, "base_model": model_path, "start_adapter": adapter,
+            "reference_adapter": adapter, "beta": t.beta}
     checkpoint.save_adapter(model, tokenizer, out_dir, extra=info, adapter_name="default")
     phases["save"] = time.perf_counter() - t0
     if env.is_main:
-        print(f"[dpo] saved {out_dir}")
+        print(f"[{layout.stage_name('dpo')}] saved {out_dir}")
     return loop.result(out_dir, phases=phases, reference=reference)

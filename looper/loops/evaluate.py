@@ -20,7 +20,7 @@ from looper.layout import RunLayout, holds_run_lock, resolve_adapter as resolve_
 
 EVAL_SUFFIX = "_eval.jsonl"
 
-__all__ = ["evaluate", "compare", "summarize_eval", "wilson_interval", "mcnemar_exact", "resolve_adapter"]
+__all__ = ["evaluate", "compare", "comparison", "summarize_eval", "wilson_interval", "mcnemar_exact", "resolve_adapter"]
 
 
 # --------------------------------------------------------------------------- statistics
@@ -230,14 +230,14 @@ def _load_eval_file(path: str) -> dict[str, bool]:
     return out
 
 
-def compare(files: Sequence[str], markdown_path: Optional[str] = None) -> dict:
-    """Compare eval files against the first one; print a table and write Markdown.
+def comparison(files: Sequence[str]) -> dict:
+    """Eval files side by side, against the first one (nothing printed or written).
 
     Questions are matched by ``question_id``. When the files do not cover the same ids,
     the comparison uses the ids they all share and says so (no shared id is an error).
-    Returns ``{"baseline", "n", "note", "runs": [...], "markdown"}``; each run has its
-    accuracy, Wilson 95% interval, ``fixes`` / ``breaks`` (ids wrong -> right and right ->
-    wrong vs the baseline) and ``mcnemar_p`` (exact, two-sided).
+    Returns ``{"baseline", "n", "note", "runs": [...]}``; each run has its accuracy, Wilson
+    95% interval, ``fixes`` / ``breaks`` (ids wrong -> right and right -> wrong vs the
+    baseline) and ``mcnemar_p`` (exact, two-sided).
     """
     if not files:
         raise DataError("compare: give at least one eval file")
@@ -263,13 +263,18 @@ def compare(files: Sequence[str], markdown_path: Optional[str] = None) -> dict:
             "name": _run_name(path), "file": path, "n": len(ids), "correct": k, "accuracy": k / len(ids),
             "ci95": [lo, hi], "fixes": fixes, "breaks": breaks, "mcnemar_p": mcnemar_exact(len(fixes), len(breaks)),
         })
-    # beside the baseline file by default (a run's outputs/compare.md for the pipeline's files)
-    md_path = markdown_path or os.path.join(os.path.dirname(os.path.abspath(files[0])), "compare.md")
-    inputs = {os.path.realpath(f) for f in files}
-    if os.path.realpath(md_path) in inputs:
+    return {"baseline": table[0]["name"], "n": len(ids), "note": note, "runs": table}
+
+
+def compare(files: Sequence[str], markdown_path: Optional[str] = None) -> dict:
+    """``comparison(files)``, printed as a table and written as Markdown (by default
+    ``compare.md`` beside the first file; never over one of the inputs). Returns the
+    comparison with its ``markdown`` path."""
+    md_path = markdown_path or os.path.join(os.path.dirname(os.path.abspath(files[0])), "compare.md") if files else None
+    if md_path and os.path.realpath(md_path) in {os.path.realpath(f) for f in files}:
         raise DataError(f"compare: the Markdown output {md_path} is one of the eval files being compared; "
                         "give --markdown another path")
-    result = {"baseline": table[0]["name"], "n": len(ids), "note": note, "runs": table, "markdown": md_path}
+    result = {**comparison(files), "markdown": md_path}
     text = _markdown(result)
     print(text, end="")
     write_text_atomic(md_path, text)

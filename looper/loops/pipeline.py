@@ -19,10 +19,9 @@ from typing import Optional, Sequence
 from looper import dist
 from looper.config import Config, ConfigError, EvalConfig, save_config
 from looper.io import DataError, write_json_atomic
-from looper.layout import RunLayout, holds_run_lock, stage_outputs
+from looper.layout import ROUND_STAGES, RunLayout, holds_run_lock, stage_outputs
 
-STAGES = ("base", "sft", "rollout", "prefs", "dpo", "eval")
-EVALUATED = (("base", None), ("sft", "sft"), ("dpo", "dpo"))  # eval name, eval.adapter
+STAGES = ("base", "sft", "rollout", "prefs", "dpo", "eval")  # with pipeline.rounds: 1 (see pipeline_stages)
 
 
 def _read_state(layout: RunLayout) -> dict:
@@ -54,9 +53,10 @@ def _forget(layout: RunLayout, stages: Sequence[str]) -> None:
     """Drop the record and the outputs of ``stages`` (rank 0), so they run from scratch."""
     if dist.is_main():
         state = _read_state(layout)
-        for stage in stages:
-            state["completed"].pop(stage, None)
-            for path in stage_outputs(layout, stage):
+        for name in stages:
+            state["completed"].pop(name, None)
+            stage, r = split_stage(name)
+            for path in stage_outputs(layout, stage, r):
                 if os.path.isdir(path):
                     shutil.rmtree(path)
                 elif os.path.exists(path):
@@ -71,37 +71,77 @@ def _check_completed(cfg: Config, done: dict, world_size: int) -> None:
     ``ConfigError`` names each changed key and how to redo the stage."""
     from looper.fingerprint import changes, describe, stage_settings
 
-    for stage, record in done.items():
+    for name, record in done.items():
         saved = record.get("settings") if isinstance(record, dict) else None
+        stage, r = split_stage(name)
         if stage not in STAGES or saved is None:
             continue  # recorded before settings were kept
-        diffs = changes(saved, stage_settings(cfg, stage, world_size))
+        diffs = changes(saved, stage_settings(in_round(cfg, r), stage, world_size))
         if diffs:
             raise ConfigError(
-                f"the {stage} stage of {cfg.run.output_dir} was completed with other settings ({describe(diffs)}). "
-                f"Rerun with --force {stage} to redo it and every stage after it, restore the settings, "
+                f"the {name} stage of {cfg.run.output_dir} was completed with other settings ({describe(diffs)}). "
+                f"Rerun with --force {name} to redo it and every stage after it, restore the settings, "
                 "or use another run.output_dir"
             )
 
 
 def _check_pipeline_settings(cfg: Config) -> None:
     """Settings the pipeline sets itself: giving them would be silently overwritten."""
-    default = EvalConfig()
-    for key in ("adapter", "name"):
-        if getattr(cfg.eval, key) != getattr(default, key):
-            raise ConfigError(
-                f"eval.{key}={getattr(cfg.eval, key)!r}: the pipeline evaluates base, sft and dpo itself and "
-                f"names their outputs; eval.{key} is for `looper eval`"
-            )
+    set_by_pipeline = {
+        "eval.adapter": (cfg.eval.adapter, EvalConfig().adapter, "the pipeline evaluates base, sft and each round's dpo"),
+        "eval.name": (cfg.eval.name, EvalConfig().name, "the pipeline names its eval outputs"),
+        "pipeline.round": (cfg.pipeline.round, 1, "the pipeline runs rounds 1 to pipeline.rounds itself"),
+    }
+    if cfg.pipeline.rounds > 1:
+        why = "each round starts from the previous round's policy and trains on its own pairs"
+        set_by_pipeline["rollout.adapter"] = (cfg.rollout.adapter, "auto", why)
+        set_by_pipeline["dpo.adapter"] = (cfg.dpo.adapter, "auto", why)
+        set_by_pipeline["dpo.pairs"] = (cfg.dpo.pairs, None, why)
+    for key, (value, default, why) in set_by_pipeline.items():
+        if value != default:
+            raise ConfigError(f"{key}={value!r}: {why}; {key} is for the single-stage commands")
+
+
+def pipeline_stages(rounds: int) -> list[str]:
+    """Every stage in order: ``base, sft``, then rollout, prefs and dpo for each round (named
+    ``rollout``, ``prefs``, ``dpo`` in round 1 and ``rollout_r2``, ... after), then ``eval``."""
+    per_round = [f"{s}{RunLayout.round_suffix(r)}" for r in range(1, rounds + 1) for s in ROUND_STAGES]
+    return ["base", "sft", *per_round, "eval"]
+
+
+def split_stage(name: str) -> tuple[str, int]:
+    """``"dpo_r2"`` -> ``("dpo", 2)``; ``"sft"`` -> ``("sft", 1)``."""
+    base, _, r = name.rpartition("_r")
+    if base in ROUND_STAGES and r.isdigit():
+        return base, int(r)
+    return name, 1
+
+
+def in_round(cfg: Config, r: int) -> Config:
+    """The config of round ``r``: its file names and default adapters follow from ``pipeline.round``."""
+    return dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, round=r))
+
+
+def _expand(names: Sequence[str], order: list[str], what: str) -> list[str]:
+    """Stage names as given (``dpo`` means every round's dpo; ``dpo_r2`` just that one)."""
+    out = []
+    for name in names:
+        matches = [s for s in order if s == name or (name in ROUND_STAGES and split_stage(s)[0] == name)]
+        if not matches:
+            raise ConfigError(f"unknown pipeline stage '{name}' in {what}; the stages are {', '.join(order)}")
+        out += matches
+    return out
 
 
 @holds_run_lock
 def run_pipeline(cfg: Config, stages: Optional[Sequence[str]] = None, force: Sequence[str] = ()) -> dict:
     """Run the selected stages (default: all) in order; returns the comparison summary.
 
-    A stage recorded as complete in ``pipeline_state.json`` is skipped when its settings are
-    today's, and refused (before any work) when they are not; ``force`` redoes a stage and
-    every stage after it.
+    With ``pipeline.rounds: N``, rollout, prefs and dpo run N times: round r samples from
+    round r-1's DPO adapter (round 1: the SFT adapter), trains from it, and uses it frozen
+    as the reference (Iterative RPO). A stage recorded as complete in
+    ``pipeline_state.json`` is skipped when its settings are today's, and refused (before any
+    work) when they are not; ``force`` redoes a stage and every stage after it.
     """
     from looper.fingerprint import stage_settings
     from looper.loops.dpo import train_dpo
@@ -110,14 +150,13 @@ def run_pipeline(cfg: Config, stages: Optional[Sequence[str]] = None, force: Seq
     from looper.loops.rollout import collect_rollouts
     from looper.loops.sft import train_sft
 
-    selected = list(stages) if stages else list(STAGES)
-    for s in list(selected) + list(force):
-        if s not in STAGES:
-            raise ConfigError(f"unknown pipeline stage '{s}'; the stages are {', '.join(STAGES)}")
+    order = pipeline_stages(cfg.pipeline.rounds)
+    selected = set(_expand(stages, order, "--stages") if stages else order)
+    forced = _expand(force, order, "--force")
     _check_pipeline_settings(cfg)
     layout = RunLayout.of(cfg)
     env = dist.init_distributed(cfg.run.device)
-    redo = STAGES[min(STAGES.index(s) for s in force):] if force else ()
+    redo = order[min(order.index(s) for s in forced):] if forced else []
     done = _read_state(layout)["completed"]
     _check_completed(cfg, {k: v for k, v in done.items() if k not in redo}, env.world_size)  # before any work
     if redo:
@@ -128,39 +167,50 @@ def run_pipeline(cfg: Config, stages: Optional[Sequence[str]] = None, force: Seq
     t_start = time.time()
     summary: dict = {}
 
-    for stage in STAGES:
-        if stage not in selected or (stage == "base" and not layout.has_base_stage):
+    for name in order:
+        stage, r = split_stage(name)
+        rcfg = in_round(cfg, r)
+        if name not in selected or (stage == "base" and not layout.has_base_stage):
             continue
-        if stage in done:
+        if name in done:
             if env.is_main:
-                print(f"[pipeline] {stage}: complete, skipped (use --force {stage} to redo it)")
+                print(f"[pipeline] {name}: complete, skipped (use --force {name} to redo it)")
             continue
         if env.is_main:
-            print(f"[pipeline] {stage}: running")
+            print(f"[pipeline] {name}: running")
         t0 = time.time()
         if stage == "base":
             train_sft(cfg, stage="base")
         elif stage == "sft":
             train_sft(cfg)
         elif stage == "rollout":
-            collect_rollouts(cfg)
+            collect_rollouts(rcfg)
         elif stage == "prefs":
             if env.is_main:
-                build_preference_file(cfg)
+                build_preference_file(rcfg)
             dist.barrier()
         elif stage == "dpo":
-            train_dpo(cfg)
+            train_dpo(rcfg)
         elif stage == "eval":
-            for name, adapter in EVALUATED:
-                evaluate(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, name=name, adapter=adapter)))
+            runs = evaluated_runs(layout, cfg.pipeline.rounds)
+            for run_name, adapter in runs:
+                evaluate(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, name=run_name, adapter=adapter)))
             if env.is_main:
-                files = {name: layout.eval_records(name) for name, _ in EVALUATED}
-                summary = compare([files["sft"], files["base"], files["dpo"]], markdown_path=layout.compare_markdown)
+                files = [layout.eval_records(n) for n in ["sft", "base"] + [n for n, _ in runs[2:]]]
+                summary = compare(files, markdown_path=layout.compare_markdown)
             dist.barrier()
-        _mark_done(layout, stage, time.time() - t0, settings=stage_settings(cfg, stage, env.world_size))
+        _mark_done(layout, name, time.time() - t0, settings=stage_settings(rcfg, stage, env.world_size))
 
     if env.is_main and "eval" in selected:
         from looper.report import write_report
 
         write_report(cfg, elapsed_s=time.time() - t_start)
     return summary
+
+
+def evaluated_runs(layout: RunLayout, rounds: int) -> list[tuple[str, Optional[str]]]:
+    """``(eval name, eval.adapter)`` of every run the pipeline evaluates: base, sft, and each
+    round's DPO adapter (``dpo``, ``dpo_r2``, ...)."""
+    runs: list[tuple[str, Optional[str]]] = [("base", None), ("sft", "sft")]
+    runs += [(layout.stage_name("dpo", r), layout.dpo_adapter(r)) for r in range(1, rounds + 1)]
+    return runs

@@ -24,10 +24,33 @@ from looper.regime_w.rescore import rescore, score_record
 
 
 def resolve_policy_adapter(cfg: Config):
-    """``rollout.adapter``: ``auto`` = the SFT adapter; ``none`` = the base model; ``sft``,
-    ``dpo`` or a path (``looper.layout.resolve_adapter``)."""
+    """``rollout.adapter``: ``auto`` = the round's policy (round 1: the SFT adapter; round r:
+    round r-1's DPO adapter); ``none`` = the base model; ``sft``, ``dpo`` or a path
+    (``looper.layout.resolve_adapter``)."""
     layout = RunLayout.of(cfg)
-    return resolve_adapter(layout, cfg.rollout.adapter, "rollout.adapter", auto=layout.sft_adapter)
+    return resolve_adapter(layout, cfg.rollout.adapter, "rollout.adapter", auto=layout.policy())
+
+
+def round_questions(cfg: Config) -> tuple[int, int]:
+    """``(first, count)`` of the dataset's questions this round samples (count -1 = all).
+
+    ``pipeline.fresh_questions``: round r takes the r-th block of ``rollout.n_questions``
+    after ``rollout.offset``; otherwise every round takes the same block.
+    """
+    r = cfg.rollout
+    first = r.offset
+    if cfg.pipeline.fresh_questions:
+        first += (cfg.pipeline.round - 1) * r.n_questions
+    return first, r.n_questions
+
+
+def round_generation(cfg: Config):
+    """The round's sampling settings: round r draws with seed ``generation.seed + 1000*(r-1)``,
+    so a round that revisits questions does not replay the previous round's noise."""
+    import dataclasses
+
+    g = cfg.rollout.generation
+    return dataclasses.replace(g, seed=g.seed + 1000 * (cfg.pipeline.round - 1))
 
 
 def make_rollout_record(question: dict, samples: list[dict], cfg: Config) -> dict:
@@ -123,19 +146,21 @@ def collect_rollouts(cfg: Config) -> dict:
     adapter = resolve_policy_adapter(cfg)
     out_path = layout.rollouts()
     model_path = ensure_model(cfg, announce=True)
+    gen = round_generation(cfg)
     meta = generation_meta(
-        r.generation, r.k, settings=fingerprint.stage_settings(cfg, "rollout"),
+        gen, r.k, settings=fingerprint.stage_settings(cfg, "rollout"),
         inputs={"adapter": fingerprint.adapter_digest(adapter), "model": fingerprint.folder_stamp(model_path)},
         info={"adapter": adapter, "model": model_path, "stage": "rollout", "regime_w": to_dict(cfg.regime_w)},
     )
     check_resumable(out_path, meta)  # before any work
     check_writable([out_path, layout.rollouts_summary(), layout.config("rollout")])
     source = r.dataset if r.dataset is not None else cfg.data.train
-    questions = load_questions(source, "train", cfg.data)
-    if r.n_questions >= 0:  # -1 = all
-        questions = questions[: r.n_questions]
+    first, count = round_questions(cfg)
+    questions = load_questions(source, "train", cfg.data)[first:]
+    if count >= 0:  # -1 = all
+        questions = questions[:count]
     if not questions:
-        raise DataError(f"rollout dataset {source or 'synthetic'} has no questions")
+        raise DataError(f"rollout dataset {source or 'synthetic'} has no questions from question {first} on")
     for q in questions:
         q["prompt"] = format_prompt(q["question"], cfg.data.prompt_template)
     if env.is_main:
@@ -144,7 +169,7 @@ def collect_rollouts(cfg: Config) -> dict:
     model, tokenizer = load_for_generation(cfg, adapter, env.device)
     t0 = time.perf_counter()
     records = run_generation(
-        model, tokenizer, questions, r.generation, r.k, out_path,
+        model, tokenizer, questions, gen, r.k, out_path,
         make_record=lambda q, samples: make_rollout_record(q, samples, cfg),
         progress=cfg.run.progress, meta=meta, desc="rollout",
     )

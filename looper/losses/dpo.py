@@ -14,6 +14,20 @@ with probability ``eps`` (the conservative "cDPO" form):
     L = -(1 - eps) * log sigma(h) - eps * log sigma(-h)
 
 where ``h`` is the argument of the sigmoid above.
+
+Two optional terms, each zero by default:
+
+- DPO-Positive (Pal et al. 2024, "Smaug: Fixing Failure Modes of Preference
+  Optimisation with DPO-Positive", arXiv 2402.13228, eq. 3): a penalty inside the
+  sigmoid whenever the policy's chosen log-prob falls below the reference's,
+  ``h -> h - beta * lambda * max(0, log pi_ref(y_w) - log pi(y_w))``; when chosen
+  and rejected differ in a few tokens, plain DPO can lower both.
+- The NLL term of Iterative Reasoning Preference Optimization (Pang et al. 2024,
+  arXiv 2404.19733, eq. 1): ``alpha * (-log pi(y_w)) / |y_w|``, added per pair.
+
+``dpo_objective`` combines them from plain numbers (``beta``, ``label_smoothing``,
+``dpop_lambda``, ``nll_weight``), so a training loop selects a loss by settings, not
+by branching on names.
 """
 
 from __future__ import annotations
@@ -30,7 +44,9 @@ __all__ = [
     "sequence_logps",
     "num_completion_tokens",
     "dpo_loss",
+    "dpop_penalty",
     "chosen_nll",
+    "dpo_objective",
     "preference_metrics",
 ]
 
@@ -82,16 +98,21 @@ def dpo_loss(
     reference_rejected_logps: Tensor,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
+    dpop_lambda: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-pair sigmoid DPO loss (Rafailov et al. 2023, eq. 7), optionally conservative.
+    """Per-pair sigmoid DPO loss (Rafailov et al. 2023, eq. 7), optionally conservative,
+    optionally DPO-Positive.
 
-    With ``h = beta * ((pc - rc) - (pr - rr))`` (policy/reference log-prob of
-    the chosen and rejected completions), the loss of each pair is
+    With ``h = beta * ((pc - rc) - (pr - rr) - dpop_lambda * max(0, rc - pc))``
+    (policy/reference log-prob of the chosen and rejected completions), the loss of
+    each pair is
 
         losses = -(1 - label_smoothing) * logsigmoid(h) - label_smoothing * logsigmoid(-h)
 
     ``label_smoothing = 0`` is plain DPO; ``0 < label_smoothing < 0.5`` is cDPO,
     which assumes each preference label is wrong with that probability.
+    ``dpop_lambda > 0`` is DPO-Positive (arXiv 2402.13228): the penalty is zero while
+    the policy keeps the chosen completion at least as likely as the reference does.
 
     Args:
         policy_chosen_logps, policy_rejected_logps: ``[B]`` summed log-probs
@@ -100,6 +121,7 @@ def dpo_loss(
             log-probs under the frozen reference.
         beta: inverse temperature of the implicit reward, ``> 0``.
         label_smoothing: ``0 <= label_smoothing < 0.5``.
+        dpop_lambda: weight of the DPO-Positive penalty, ``>= 0``.
 
     Returns:
         ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]`` and fp32
@@ -130,16 +152,27 @@ def dpo_loss(
     label_smoothing = float(label_smoothing)
     if not (0.0 <= label_smoothing < 0.5):
         raise ValueError(f"label_smoothing must satisfy 0 <= label_smoothing < 0.5, got {label_smoothing}")
+    dpop_lambda = float(dpop_lambda)
+    if not math.isfinite(dpop_lambda) or dpop_lambda < 0.0:
+        raise ValueError(f"dpop_lambda must be a finite number >= 0, got {dpop_lambda}")
 
     chosen_logratios = pc - rc
     rejected_logratios = pr - rr
     h = beta * (chosen_logratios - rejected_logratios)
+    if dpop_lambda > 0.0:
+        h = h - beta * dpop_lambda * dpop_penalty(pc, rc)
     losses = -F.logsigmoid(h) * (1.0 - label_smoothing)
     if label_smoothing > 0.0:
         losses = losses - F.logsigmoid(-h) * label_smoothing
     chosen_rewards = (beta * chosen_logratios).detach()
     rejected_rewards = (beta * rejected_logratios).detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def dpop_penalty(policy_chosen_logps: Tensor, reference_chosen_logps: Tensor) -> Tensor:
+    """``max(0, log pi_ref(y_w) - log pi(y_w))`` per pair (Pal et al. 2024, arXiv 2402.13228,
+    eq. 3): how far the policy has pushed the chosen completion below the reference."""
+    return (reference_chosen_logps - policy_chosen_logps).clamp(min=0.0)
 
 
 def chosen_nll(chosen_logps: Tensor, chosen_num_tokens: Tensor) -> Tensor:
@@ -156,6 +189,35 @@ def chosen_nll(chosen_logps: Tensor, chosen_num_tokens: Tensor) -> Tensor:
         )
     denom = chosen_num_tokens.to(chosen_logps.dtype).clamp(min=1.0)
     return -chosen_logps / denom
+
+
+def dpo_objective(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    chosen_num_tokens: Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    dpop_lambda: float = 0.0,
+    nll_weight: float = 0.0,
+) -> dict[str, Tensor]:
+    """The per-pair training objective: ``dpo_loss`` (sigmoid / cDPO / DPO-Positive) plus
+    ``nll_weight * chosen_nll`` (RPO).
+
+    Returns ``[B]`` tensors: ``total`` (differentiable; the loop averages it), ``dpo`` and
+    ``nll`` (the two parts), ``chosen_rewards`` and ``rejected_rewards`` (detached). With
+    ``dpop_lambda = nll_weight = 0`` the total is exactly ``dpo_loss``.
+    """
+    if nll_weight < 0:
+        raise ValueError(f"nll_weight must be >= 0, got {nll_weight}")
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+        beta=beta, label_smoothing=label_smoothing, dpop_lambda=dpop_lambda,
+    )
+    nll = chosen_nll(policy_chosen_logps, chosen_num_tokens)
+    total = losses + nll_weight * nll if nll_weight else losses
+    return {"total": total, "dpo": losses, "nll": nll, "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}
 
 
 def preference_metrics(

@@ -1,4 +1,4 @@
-"""Preference pairs from scored rollouts (DESIGN.md, "Preference pairs").
+"""Preference pairs from scored rollouts (docs/design.md, "Regime W").
 
 For each question the trajectories are split into C (correct) and W (incorrect, including
 those without an answer).
@@ -13,8 +13,9 @@ those without an answer).
   ``reward(chosen) - reward(rejected) >= threshold``, largest margin first (ties by rank
   in the sorted C), at most ``max_coherence_pairs`` per question.
 - A pair whose chosen and rejected texts are identical is skipped, and so is an exact
-  duplicate (same prompt, chosen and rejected) of an earlier pair; skipped pairs do not
-  count against the caps.
+  duplicate (same prompt, chosen and rejected) of an earlier pair, and a pair with an empty
+  (or whitespace-only) side, which DPO cannot train on; skipped pairs do not count against
+  the caps.
 
 ``margin = chosen_reward - rejected_reward`` rounded to 12 decimals (so float noise never
 decides the threshold). The output depends only on the input records: no randomness.
@@ -152,7 +153,7 @@ def build_preferences(
         def add(kind: str, j: int, ci: int, ri: int) -> bool:
             chosen, rejected = texts[ci], texts[ri]
             key = (prompt, chosen, rejected)
-            if chosen == rejected or key in seen:
+            if chosen == rejected or key in seen or not chosen.strip() or not rejected.strip():
                 return False
             seen.add(key)
             pairs.append(
