@@ -67,7 +67,8 @@ def _section(cfg_dict: dict, name: str, drop: tuple = (), keep: Optional[tuple] 
 def _training(cfg_dict: dict, name: str, world_size: int, drop: tuple = ()) -> dict:
     out = _section(cfg_dict, name, _TRAIN_NOT_COMPARED + ("grad_accum",) + drop)
     t = cfg_dict[name]
-    out[f"{name}.grad_accum x ranks"] = t["grad_accum"] * world_size
+    if t is not None:  # a missing optional section (base_train: null) is itself the setting
+        out[f"{name}.grad_accum x ranks"] = t["grad_accum"] * world_size
     return out
 
 

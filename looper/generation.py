@@ -46,14 +46,15 @@ def _existing_records(out_path: str) -> dict[str, dict]:
     return done
 
 
-def check_resumable(out_path: str, meta: dict) -> None:
+def check_resumable(out_path: str, meta: dict, stage: str = "<stage>") -> None:
     """Raise ``ConfigError`` if ``out_path`` holds results made with other settings than
-    ``meta`` (call it before loading a model: it reads only small files)."""
+    ``meta`` (call it before loading a model: it reads only small files). ``stage`` names
+    the pipeline stage that redoes the file, for the message."""
     done = os.path.exists(out_path) or bool(partial_paths(out_path))
-    _check_meta(out_path, meta, done)
+    _check_meta(out_path, meta, done, stage)
 
 
-def _check_meta(out_path: str, meta: Optional[dict], has_results: bool) -> None:
+def _check_meta(out_path: str, meta: Optional[dict], has_results: bool, stage: str = "<stage>") -> None:
     """Refuse to resume results produced with different settings, naming each one.
 
     Keys under ``meta["info"]`` (paths, labels) are recorded but not compared.
@@ -72,7 +73,7 @@ def _check_meta(out_path: str, meta: Optional[dict], has_results: bool) -> None:
     if diffs:
         raise ConfigError(
             f"{out_path} holds results made with other settings ({describe(diffs)}). Restore them to "
-            "resume it; or redo it (`--force <stage>` in the pipeline, or move the file and its "
+            f"resume it; or redo it (`--force {stage}` in the pipeline, or move the file and its "
             ".meta.json away); or write to another output name"
         )
 

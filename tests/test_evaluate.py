@@ -210,3 +210,54 @@ def test_eval_two_ranks_match_one(micro_overrides, tmp_path, run_torchrun):
     assert not list((tmp_path / "two" / "outputs").glob("*.partial"))
     s = json.loads((tmp_path / "two" / "outputs" / "base_eval.json").read_text())
     assert s["n"] == 8 and math.isclose(s["accuracy"], s["correct"] / 8)
+
+
+# --------------------------------------------------------------------------- the run folder contract
+
+
+def test_a_smaller_n_questions_keeps_the_finished_records(micro_cfg, tmp_path, capsys):
+    from looper.loops.evaluate import evaluate
+
+    out = tmp_path / "run" / "outputs"
+    full = evaluate(_eval_cfg(micro_cfg, tmp_path))
+    path = out / "base_eval.jsonl"
+    before = path.read_bytes()
+    records = [json.loads(line) for line in before.splitlines()]
+    assert full["n"] == len(records) == 6
+
+    summary = evaluate(_eval_cfg(micro_cfg, tmp_path, "eval.n_questions=3"))
+    assert path.read_bytes() == before  # all 6 records kept, none regenerated
+    assert summary["n"] == 3 and summary["correct"] == sum(r["correct"] for r in records[:3])
+    assert json.loads((out / "base_eval.json").read_text())["n"] == 3
+    assert "(%d/3," % summary["correct"] in capsys.readouterr().out
+
+
+def test_compare_refuses_to_write_its_markdown_over_an_input(tmp_path, capsys):
+    from looper.cli import main
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    _write_eval(a, [True, False, True])
+    _write_eval(b, [True, True, False])
+    before = a.read_bytes()
+    assert main(["compare", str(a), str(b), "--markdown", str(a)]) == 2
+    err = capsys.readouterr().err
+    assert "looper compare: error:" in err and str(a) in err and "one of the eval files being compared" in err, err
+    assert a.read_bytes() == before
+    # the same file named another way is still an input
+    assert main(["compare", str(a), str(b), "--markdown", str(tmp_path / "." / "a.jsonl")]) == 2
+    assert a.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl"]
+
+
+def test_compare_reads_correct_only_as_a_json_boolean(tmp_path):
+    a, b = tmp_path / "a_eval.jsonl", tmp_path / "b_eval.jsonl"
+    _write_eval(a, [True, False, True])
+    _write_eval(b, [True, True, False])
+    lines = b.read_text().splitlines()
+    rec = json.loads(lines[1])
+    rec["correct"] = "false"  # a string: bool("false") would count it as correct
+    lines[1] = json.dumps(rec)
+    b.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"{b}: question 'q01': 'correct' must be true or false, got 'false'"):
+        compare([str(a), str(b)])
+    assert not (tmp_path / "compare.md").exists()

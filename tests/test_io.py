@@ -144,3 +144,110 @@ def test_replace_dir(tmp_path, monkeypatch, exchange):
     replace_dir(str(src2), str(tmp_path / "other"))
     assert _contents(tmp_path / "other") == {"a": "1"}
     assert sorted(os.listdir(tmp_path)) == ["dst", "other"]
+
+
+# --------------------------------------------------------------------------- run folders
+
+
+def test_a_non_utf8_line_names_the_file_and_line(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_bytes(b'{"a": 1}\n{"a": 2}\n{"a": "caf\xe9"}\n{"a": 4}\n')
+    seen = []
+    with pytest.raises(DataError, match=r"a\.jsonl:3: not UTF-8") as info:
+        for lineno, _ in iter_jsonl(str(p)):
+            seen.append(lineno)
+    assert seen == [1, 2]  # the good lines before it were read
+    assert f"{p}:3:" in str(info.value)
+
+
+def test_check_writable_refuses_a_path_under_a_file_and_creates_nothing(tmp_path):
+    from looper.io import check_writable
+
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    with pytest.raises(DataError, match=r"not_a_folder is a file, not a folder") as info:
+        check_writable([str(tmp_path / "fresh" / "out.jsonl"), str(blocker / "run" / "metrics" / "sft.jsonl")])
+    assert str(blocker / "run" / "metrics" / "sft.jsonl") in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == ["not_a_folder"] and blocker.read_text() == "x"
+
+    # fresh paths (deep or not), and an existing file that would be replaced: fine, nothing created
+    existing = tmp_path / "old.json"
+    existing.write_text("{}")
+    check_writable([str(tmp_path / "a" / "b" / "c.jsonl"), str(tmp_path / "d.json"), str(existing), str(tmp_path)])
+    assert sorted(os.listdir(tmp_path)) == ["not_a_folder", "old.json"]
+
+
+_TRY_LOCK = """
+import sys
+from looper.io import DataError, run_lock
+try:
+    with run_lock(sys.argv[1]):
+        print("LOCKED")
+except DataError as e:
+    print("REFUSED", e)
+"""
+
+_HOLD_LOCK = """
+import sys, time
+from looper.io import run_lock
+with run_lock(sys.argv[1]):
+    print("HOLDING", flush=True)
+    time.sleep(600)
+"""
+
+
+def _try_lock(folder: Path) -> str:
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    proc = subprocess.run([sys.executable, "-c", _TRY_LOCK, str(folder)], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_run_lock_is_reentrant_here_and_keeps_another_process_out(tmp_path):
+    from looper.io import run_lock
+
+    folder = tmp_path / "run"
+    with run_lock(str(folder)):
+        assert folder.is_dir() and os.listdir(folder) == []  # the lock is the folder itself: no file
+        with run_lock(str(folder / ".." / "run")):  # the same folder, spelled otherwise: re-entered
+            out = _try_lock(folder)
+            assert out.startswith("REFUSED") and "in use by another looper process" in out, out
+            assert f"pid {os.getpid()}" in out, out
+        out = _try_lock(folder)  # the inner block has ended: still held by the outer one
+        assert out.startswith("REFUSED") and f"pid {os.getpid()}" in out, out
+    assert _try_lock(folder) == "LOCKED"  # released at the end of the outer block
+    assert os.listdir(folder) == []
+
+
+def test_run_lock_held_by_a_killed_process_is_free_again(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+    from looper.io import run_lock
+
+    folder = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(folder)], env=subprocess_env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "HOLDING"
+        with pytest.raises(DataError, match=rf"in use by another looper process \(pid {holder.pid}\b"):
+            with run_lock(str(folder)):
+                pass
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        holder.stdout.close()
+    assert holder.returncode == -signal.SIGKILL
+    with run_lock(str(folder)):  # the OS dropped the dead process's lock: nothing stale left
+        assert os.listdir(folder) == []
+    assert _try_lock(folder) == "LOCKED"

@@ -199,3 +199,226 @@ def test_research_example_runs_on_the_micro_run(finished_run: Path, tmp_path: Pa
     assert (out / "outputs/compare_dpo_cf.md").exists()
     pairs = read_jsonl(str(out / "data/preferences_dpo_cf.jsonl"))
     assert pairs and summary
+
+
+# --------------------------------------------------------------------------- the run folder contract
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_completed_stage_with_other_settings_is_refused_until_forced(finished_run: Path, tmp_path: Path):
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run, out)
+    before = snapshot(out)
+    with pytest.raises(ConfigError) as info:
+        run_pipeline(micro(out, "prefs.max_correctness_pairs=2"))
+    msg = str(info.value)
+    assert "the prefs stage" in msg and "prefs.max_correctness_pairs: 8 -> 2" in msg and "--force prefs" in msg, msg
+    assert snapshot(out) == before  # refused before any work: not even configs/pipeline.yaml
+
+    sft_before = mtime(out / "checkpoints/sft_lora/adapter_model.safetensors")
+    rollouts_before = (out / "data/rollouts.jsonl").read_bytes()
+    run_pipeline(micro(out, "prefs.max_correctness_pairs=2"), force=["prefs"])
+    state = json.loads((out / "pipeline_state.json").read_text())
+    assert list(state["completed"]) == list(STAGES)
+    assert state["completed"]["prefs"]["settings"]["prefs.max_correctness_pairs"] == 2
+    pairs = read_jsonl(str(out / "data/preferences.jsonl"))
+    per_q: dict = {}
+    for p in pairs:
+        if p["kind"] == "correctness":
+            per_q[p["question_id"]] = per_q.get(p["question_id"], 0) + 1
+    old = read_jsonl(str(finished_run / "data/preferences.jsonl"))
+    assert per_q and max(per_q.values()) <= 2 and len(pairs) < len(old)
+    # the later stages were redone on the new pairs, the earlier ones kept
+    assert (out / "checkpoints/dpo_lora/adapter_model.safetensors").read_bytes() != \
+        (finished_run / "checkpoints/dpo_lora/adapter_model.safetensors").read_bytes()
+    assert mtime(out / "outputs/dpo_eval.jsonl") > mtime(finished_run / "outputs/dpo_eval.jsonl")
+    assert mtime(out / "checkpoints/sft_lora/adapter_model.safetensors") == sft_before
+    assert (out / "data/rollouts.jsonl").read_bytes() == rollouts_before
+    run_pipeline(micro(out, "prefs.max_correctness_pairs=2"))  # and now it is complete with these settings
+
+
+@pytest.mark.parametrize("text", [b'{"completed": {"base": {"seconds"', b"\xff\xfe\x00garbage", b"[1, 2]",
+                                  b'{"completed": ["base"]}'], ids=["truncated", "binary", "list", "wrong-shape"])
+def test_a_corrupted_pipeline_state_is_a_data_error_naming_the_file(tmp_path: Path, text: bytes, capsys):
+    from looper.cli import main
+    from looper.io import DataError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    state = out / "pipeline_state.json"
+    state.write_bytes(text)
+    with pytest.raises(DataError, match=r"pipeline_state\.json: corrupted pipeline state") as info:
+        run_pipeline(micro(out))
+    assert str(state) in str(info.value)
+    assert main(["pipeline", f"run.output_dir={out}", *MICRO_PIPELINE]) == 2
+    assert f"{state}: corrupted pipeline state" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["pipeline_state.json"] and state.read_bytes() == text
+
+
+def _holds_flock(pid: int, folder: Path) -> bool:
+    """Whether process ``pid`` holds a flock on ``folder`` (from /proc/locks)."""
+    inode = str(os.stat(folder).st_ino)
+    with open("/proc/locks") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[1] == "FLOCK" and parts[4] == str(pid) and parts[5].rsplit(":", 1)[-1] == inode:
+                return True
+    return False
+
+
+# `python -m looper sft ...`, except that it imports everything first (torch: seconds) and then
+# waits for a line on stdin, so the test can start it the moment the first run holds the lock
+_SECOND_RUN = """
+import sys
+import looper.loops.sft
+from looper.cli import main
+sys.stdin.readline()
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_on_the_same_folder_is_refused_at_once(finished_run: Path, tmp_path: Path):
+    import signal
+    import time
+
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run, out)
+    sft_files = {p: p.read_bytes() for p in (out / "configs/sft.yaml", out / "metrics/sft.jsonl")}
+    first_cmd = [sys.executable, "-m", "looper", "pipeline", f"run.output_dir={out}", *MICRO_PIPELINE,
+                 "dpo.max_steps=40", "--stages", "dpo", "--force", "dpo"]  # DPO alone: a few seconds
+    second_cmd = [sys.executable, "-c", _SECOND_RUN, "sft", f"run.output_dir={out}", *MICRO_PIPELINE]
+    opts = dict(cwd=str(REPO_ROOT), env=subprocess_env(), text=True, start_new_session=True)
+    first = subprocess.Popen(first_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **opts)
+    second = subprocess.Popen(second_cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **opts)
+    try:
+        deadline = time.time() + 120
+        while not _holds_flock(first.pid, out):
+            assert first.poll() is None, f"the first run ended before it took the lock:\n{first.stdout.read()}"
+            assert time.time() < deadline, "the first run never took the lock"
+            time.sleep(0.02)
+        t0 = time.time()
+        stdout2, stderr2 = second.communicate("go\n", timeout=120)
+        waited = time.time() - t0
+        still_running = first.poll() is None
+        assert second.returncode == 2, stderr2
+        assert "in use by another looper process" in stderr2 and f"pid {first.pid}" in stderr2, stderr2
+        assert still_running, f"the second run took {waited:.1f}s: it waited for the first to finish"
+        assert waited < 5, waited
+        assert "[sft]" not in stdout2
+        stdout, _ = first.communicate(timeout=300)
+    finally:
+        for proc in (first, second):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert first.returncode == 0, stdout[-4000:]
+    assert [json.loads(l)["step"] for l in (out / "metrics/dpo.jsonl").read_text().splitlines()][-1] == 40
+    assert {p: p.read_bytes() for p in sft_files} == sft_files  # the refused run wrote nothing
+
+
+def test_dropping_the_base_stage_of_a_finished_tiny_run_is_named(finished_run: Path, tmp_path: Path):
+    # regression: a null base_train crashed stage_settings instead of being a named change
+    out = tmp_path / "copy"
+    shutil.copytree(finished_run, out)
+    before = snapshot(out)
+    with pytest.raises(ConfigError, match=r"base_train"):
+        run_pipeline(micro(out, "base_train=null"))
+    assert snapshot(out) == before
+
+
+# --------------------------------------------------------------------------- iterative rounds
+
+
+@pytest.fixture(scope="module")
+def two_rounds(finished_run: Path, tmp_path_factory) -> Path:
+    """The finished one-round run, extended to two rounds (round 1 is reused, not redone)."""
+    out = tmp_path_factory.mktemp("rounds") / "run"
+    shutil.copytree(finished_run, out)
+    run_pipeline(micro(out, "pipeline.rounds=2"))
+    return out
+
+
+def test_a_second_round_reuses_round_one_and_keeps_its_own_artifacts(finished_run: Path, two_rounds: Path):
+    out = two_rounds
+    for rel in ("checkpoints/sft_lora/adapter_model.safetensors", "data/rollouts.jsonl", "data/preferences.jsonl",
+                "checkpoints/dpo_lora/adapter_model.safetensors", "metrics/dpo.jsonl"):
+        assert (out / rel).read_bytes() == (finished_run / rel).read_bytes(), rel  # round 1 untouched
+    for rel in ("data/rollouts_r2.jsonl", "data/rollouts_r2_summary.json", "data/preferences_r2.jsonl",
+                "data/preferences_r2_summary.json", "checkpoints/dpo_r2_lora/adapter_model.safetensors",
+                "metrics/dpo_r2.jsonl", "configs/dpo_r2.yaml", "outputs/dpo_r2_eval.jsonl", "outputs/dpo_r2_eval.json"):
+        assert (out / rel).exists(), rel
+    state = json.loads((out / "pipeline_state.json").read_text())
+    assert set(state["completed"]) == {*STAGES, "rollout_r2", "prefs_r2", "dpo_r2"}
+    report = (out / "report.md").read_text()
+    assert "## Rounds" in report and "| 2 | dpo_r2 |" in report and "| 0 | sft |" in report
+    compare = (out / "outputs/compare.md").read_text()
+    assert "| dpo_r2 |" in compare
+
+
+def test_round_two_samples_from_round_one_and_uses_it_as_the_frozen_reference(two_rounds: Path):
+    import torch
+    from safetensors.torch import load_file
+
+    from looper.loops.dpo import load_pairs
+    from looper.models import load_base_model, load_tokenizer
+    from peft import PeftModel
+
+    out = two_rounds
+    round1 = out / "checkpoints/dpo_lora"
+    meta = json.loads((out / "data/rollouts_r2.jsonl.meta.json").read_text())
+    assert meta["info"]["adapter"] == str(round1)
+    info = json.loads((out / "checkpoints/dpo_r2_lora/looper_info.json").read_text())
+    assert info["start_adapter"] == info["reference_adapter"] == str(round1)
+    # step 1 of round 2: the policy equals its reference, so the loss is log 2
+    first = read_jsonl(out / "metrics/dpo_r2.jsonl")[0]
+    assert first["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+
+    # the cached reference log-probs of round 2 are round 1's final policy on round 2's pairs
+    tok = load_tokenizer(str(round1))
+    examples, _, _ = load_pairs(str(out / "data/preferences_r2.jsonl"), tok, 320, "truncate")
+    caches = [load_file(str(p))["logps"] for p in (out / "cache").glob("ref_logps-*.safetensors")]
+    (ref,) = [c for c in caches if c.shape[0] == len(examples)]
+    model = PeftModel.from_pretrained(load_base_model(str(out / "checkpoints/base")), str(round1)).eval()
+    with torch.no_grad():
+        for i in (0, len(examples) // 2, len(examples) - 1):
+            e = examples[i]
+            for j, completion in enumerate((e.chosen_ids, e.rejected_ids)):
+                ids = torch.tensor([e.prompt_ids + completion])
+                logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+                targets = ids[0, 1:]
+                naive = logp[torch.arange(len(targets)), targets][len(e.prompt_ids) - 1 :].sum().item()
+                assert ref[i, j].item() == pytest.approx(naive, rel=1e-5, abs=1e-4)
+
+
+def test_killed_in_round_two_resumes_in_round_two(finished_run: Path, tmp_path: Path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    extra = ["pipeline.rounds=2", "dpo.max_steps=40", "dpo.save_every=2"]
+    # redo round 1's DPO with the longer schedule, then get killed inside round 2's
+    cmd = [sys.executable, "-m", "looper", "pipeline", f"run.output_dir={out}", *MICRO_PIPELINE, *extra, "--force", "dpo"]
+    proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = out / "checkpoints/dpo_r2_lora-resume/step-4/trainer_state.json"
+    kill_when(proc, marker.exists, what="a round-2 DPO resume state")
+    assert not (out / "checkpoints/dpo_r2_lora").exists()
+    round1 = [out / "checkpoints/dpo_lora/adapter_model.safetensors", out / "data/rollouts.jsonl"]
+    before = [mtime(p) for p in round1]
+
+    run_pipeline(micro(out, *extra))
+    printed = capsys.readouterr().out
+    assert "[pipeline] dpo: complete, skipped" in printed and "[pipeline] rollout_r2: complete, skipped" in printed
+    assert "resuming at step" in printed
+    assert [mtime(p) for p in round1] == before  # round 1 was not redone
+    assert [m["step"] for m in read_jsonl(out / "metrics/dpo_r2.jsonl")] == list(range(1, 41))
+    assert (out / "checkpoints/dpo_r2_lora/adapter_model.safetensors").exists()
+
+
+def test_rounds_settings_the_pipeline_owns_are_refused(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"dpo\.pairs.*previous round"):
+        run_pipeline(micro(tmp_path / "x", "pipeline.rounds=2", "dpo.pairs=/some/pairs.jsonl"))
+    with pytest.raises(ConfigError, match=r"pipeline\.round=2"):
+        run_pipeline(micro(tmp_path / "x", "pipeline.round=2"))

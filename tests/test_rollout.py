@@ -404,3 +404,112 @@ def test_empty_dataset_is_a_data_error_and_writes_nothing(policy, tmp_path):
     with pytest.raises(DataError, match=r"empty\.jsonl"):
         collect_rollouts(rollout_cfg(out, policy, f"rollout.dataset={empty}"))
     assert all_files(out) == before
+
+
+# --------------------------------------------------------------------------- the run folder contract
+
+NEW_WEIGHTS = ["regime_w.w_end=0.6", "regime_w.w_path=0.2", "regime_w.w_cf=0.2"]
+
+
+def snapshot(path: Path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+def test_new_regime_w_weights_rescore_every_record_old_and_new(reference, policy, tmp_path, capsys):
+    from looper.loops.rollout import collect_rollouts
+    from looper.regime_w.rescore import score_record
+
+    out = tmp_path / "run"
+    shutil.copytree(reference["out"], out)
+    cfg = rollout_cfg(out, policy, *NEW_WEIGHTS, f"rollout.n_questions={N_QUESTIONS + 2}")
+    summary = collect_rollouts(cfg)
+    records = read_jsonl(out / "data" / "rollouts.jsonl")
+    assert len(records) == N_QUESTIONS + 2
+    # the samples of the first questions are the old ones (resumed, not sampled again) ...
+    old = reference["records"]
+    assert [[t["full_text"] for t in r["trajectories"]] for r in records[:N_QUESTIONS]] == \
+        [[t["full_text"] for t in r["trajectories"]] for r in old]
+    # ... and every record, old and new, is scored under today's weights: none left mixed
+    for rec in records:
+        assert rec == score_record(rec, cfg.regime_w), rec["question_id"]
+    assert any(a["s_wm"] != b["s_wm"] for a, b in zip(records, old)), "the new weights changed no score"
+    assert "rescored" in capsys.readouterr().out
+    assert summary["questions"] == summary["records_in_file"] == N_QUESTIONS + 2
+    assert summary["s_wm"] == pytest.approx(sum(r["s_wm"] for r in records) / len(records), rel=1e-12)
+    # the meta records what the file is now scored with (prefs reads it)
+    meta = json.loads((out / "data" / "rollouts.jsonl.meta.json").read_text())
+    assert (meta["info"]["regime_w"]["w_end"], meta["info"]["regime_w"]["w_path"]) == (0.6, 0.2)
+
+
+def test_a_smaller_n_questions_keeps_the_earlier_records(reference, policy, tmp_path, capsys):
+    from looper.loops.rollout import collect_rollouts
+
+    out = tmp_path / "run"
+    shutil.copytree(reference["out"], out)
+    summary = collect_rollouts(rollout_cfg(out, policy, "rollout.n_questions=5"))
+    path = out / "data" / "rollouts.jsonl"
+    records = read_jsonl(path)
+    assert len(records) == N_QUESTIONS
+    assert [[t["full_text"] for t in r["trajectories"]] for r in records] == \
+        [[t["full_text"] for t in r["trajectories"]] for r in reference["records"]]
+    assert path.read_bytes() == reference["bytes"]
+    assert summary["questions"] == 5 and summary["records_in_file"] == N_QUESTIONS
+    first5 = reference["records"][:5]
+    assert summary["s_wm"] == pytest.approx(sum(r["s_wm"] for r in first5) / 5, rel=1e-12)
+    assert f"used 5 of the {N_QUESTIONS} records" in capsys.readouterr().out
+    written = json.loads((out / "data" / "rollouts_summary.json").read_text())
+    assert (written["questions"], written["records_in_file"]) == (5, N_QUESTIONS)
+
+
+def test_a_changed_generation_setting_is_refused_before_a_model_loads(reference, policy, tmp_path, monkeypatch):
+    import looper.loops.rollout as rollout
+
+    out = tmp_path / "run"
+    shutil.copytree(reference["out"], out)
+    before = snapshot(out)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr(rollout, "load_for_generation", no_model)
+    with pytest.raises(ConfigError) as info:
+        rollout.collect_rollouts(rollout_cfg(out, policy, "rollout.generation.temperature=0.7"))
+    msg = str(info.value)
+    assert "rollout.generation.temperature: 1.0 -> 0.7" in msg, msg
+    assert str(out / "data" / "rollouts.jsonl") in msg and "--force" in msg, msg  # where, and how to redo it
+    assert snapshot(out) == before
+    monkeypatch.undo()
+
+    # how many sequences share a forward changes no sample: accepted, nothing generated again
+    recorded = []
+    make = rollout.make_rollout_record
+    monkeypatch.setattr(rollout, "make_rollout_record", lambda q, s, c: recorded.append(q) or make(q, s, c))
+    summary = rollout.collect_rollouts(rollout_cfg(out, policy, "rollout.generation.batch_size=4"))
+    assert recorded == [] and summary["questions"] == N_QUESTIONS
+    assert (out / "data" / "rollouts.jsonl").read_bytes() == reference["bytes"]
+
+
+def test_prefs_honours_trajectory_scope_on_rollouts_from_the_stage(reference, policy, tmp_path, capsys):
+    from looper.loops.prefs import build_preference_file
+    from looper.regime_w.preferences import build_preferences
+    from looper.regime_w.rescore import rescore
+
+    out = tmp_path / "run"
+    shutil.copytree(reference["out"], out)
+    build_preference_file(rollout_cfg(out, policy))
+    assert "rescored" not in capsys.readouterr().out  # scored with these very settings
+    question = read_jsonl(out / "data" / "preferences.jsonl")
+
+    cfg = rollout_cfg(out, policy, "regime_w.scope=trajectory")
+    build_preference_file(cfg)
+    printed = capsys.readouterr().out
+    assert f"[prefs] rescored {N_QUESTIONS} of {N_QUESTIONS} groups with the current regime_w settings" in printed, printed
+    traj = read_jsonl(out / "data" / "preferences.jsonl")
+    assert traj != question
+    assert [(p["chosen_reward"], p["rejected_reward"]) for p in traj] != \
+        [(p["chosen_reward"], p["rejected_reward"]) for p in question]
+    expected = build_preferences(rescore(reference["records"], cfg.regime_w)[0], cfg.prefs,
+                                 prompt_template=cfg.data.prompt_template)
+    assert traj == json.loads(json.dumps(expected))
+    # the rollouts file itself is left as the rollout stage wrote it
+    assert (out / "data" / "rollouts.jsonl").read_bytes() == reference["bytes"]

@@ -509,3 +509,146 @@ def test_a_step_that_evaluated_is_logged_off_the_log_interval(micro_cfg, tmp_pat
     cfg = micro_cfg(tmp_path / "run", sft__max_steps=4, sft__log_every=4, sft__eval_every=2)
     train_sft(cfg)
     assert [(r["step"], "eval_loss" in r) for r in metrics(cfg)] == [(2, True), (4, True)]
+
+
+# --------------------------------------------------------------------------- the run folder contract
+
+# A finished 4-step run with resume states after steps 2 and 4 (keep_last=2), shared by the
+# tests below; each test works on its own copy.
+CONTRACT = dict(sft__max_steps=4, sft__save_every=2, sft__keep_last=2, sft__lr=5e-3)
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_sft(tiny_model_dir, tmp_path_factory) -> Path:
+    from conftest import build_overrides
+    from looper.config import load_config
+
+    out = tmp_path_factory.mktemp("sft_contract") / "run"
+    cfg = load_config(None, build_overrides(out, tiny_model_dir, **CONTRACT))
+    train_sft(cfg)
+    assert [Path(p).name for p in checkpoint.list_resume_states(resume_root(cfg))] == ["step-2", "step-4"]
+    return out
+
+
+def contract_copy(finished_sft: Path, dest: Path) -> Path:
+    shutil.copytree(finished_sft, dest)
+    return dest
+
+
+@pytest.mark.slow
+def test_a_killed_run_refuses_a_changed_lr_and_touches_nothing(micro_overrides, micro_cfg, tmp_path):
+    from looper.config import ConfigError
+
+    settings = dict(sft__max_steps=6, sft__save_every=2, sft__lr=5e-3)
+    out = tmp_path / "run"
+    proc = kill_training_run(tmp_path, "looper.loops.sft", "masked_cross_entropy", "train_sft",
+                             micro_overrides(out, **settings), stall_call=5)  # mid step 5
+    assert proc.returncode == -signal.SIGKILL
+    cfg = micro_cfg(out, **settings)
+    assert [Path(p).name for p in checkpoint.list_resume_states(resume_root(cfg))] == ["step-2", "step-4"]
+    before = snapshot(out)
+    assert "configs/sft.yaml" in before and "metrics/sft.jsonl" in before
+
+    with pytest.raises(ConfigError) as info:
+        train_sft(micro_cfg(out, **dict(settings, sft__lr=1e-3)))
+    msg = str(info.value)
+    assert "sft.lr: 0.005 -> 0.001" in msg and "sft.resume=none" in msg, msg
+    assert os.path.join(resume_root(cfg), "step-4") in msg, msg
+    assert snapshot(out) == before  # configs/sft.yaml, metrics and resume states byte for byte
+
+    # starting over with the new lr is allowed and runs to the end
+    result = train_sft(micro_cfg(out, **dict(settings, sft__lr=1e-3, sft__resume="none")))
+    assert result.resumed_from is None and result.steps == 6
+    m = metrics(cfg)
+    assert [r["step"] for r in m] == list(range(1, 7))
+    assert m[0]["lr"] == pytest.approx(1e-3)  # step 1 of the new schedule (no warmup)
+    state = checkpoint.read_trainer_state(checkpoint.list_resume_states(resume_root(cfg))[-1])
+    assert state["step"] == 6 and state["settings"]["sft.lr"] == 1e-3
+    assert "lr: 0.001" in (out / "configs" / "sft.yaml").read_text()
+
+
+def test_a_finished_run_refuses_result_changing_keys_and_accepts_harmless_ones(finished_sft, micro_cfg, tmp_path):
+    from looper.config import ConfigError
+
+    out = contract_copy(finished_sft, tmp_path / "run")
+    before = snapshot(out)
+    with pytest.raises(ConfigError, match=r"sft\.max_steps: 4 -> 6") as info:
+        train_sft(micro_cfg(out, **dict(CONTRACT, sft__max_steps=6)))
+    assert "sft.resume=none" in str(info.value)
+    # another LoRA shape: named, not a tensor size-mismatch traceback from loading the state
+    with pytest.raises(ConfigError, match=r"lora\.r: 4 -> 8"):
+        train_sft(micro_cfg(out, **dict(CONTRACT, lora__r=8)))
+    assert snapshot(out) == before
+
+    # settings that do not change the result: the finished state is picked up, no step runs
+    for extra in (dict(sft__log_every=2), dict(run__progress=True), dict(sft__eval_every=3, sft__keep_last=3)):
+        result = train_sft(micro_cfg(out, **dict(CONTRACT, **extra)))
+        assert result.resumed_from == os.path.join(resume_root(micro_cfg(out)), "step-4"), extra
+        assert result.steps == 4 and result.step_seconds == [], extra
+    assert [r["step"] for r in read_jsonl(out / "metrics" / "sft.jsonl")] == [1, 2, 3, 4]
+    assert_tensors_close(adapter_tensors(finished_sft / "checkpoints" / "sft_lora"),
+                         adapter_tensors(out / "checkpoints" / "sft_lora"), 0.0, "adapter", elem_rel=0.0)
+
+
+def test_data_changed_mid_run_is_refused_naming_it(finished_sft, micro_cfg, tmp_path):
+    from looper.config import ConfigError
+    from looper.data.synthetic import generate_problems
+
+    out = contract_copy(finished_sft, tmp_path / "run")
+    shutil.rmtree(os.path.join(resume_root(micro_cfg(out)), "step-4"))  # as if killed after step 2
+    shutil.rmtree(out / "checkpoints" / "sft_lora")
+    before = snapshot(out)
+    with pytest.raises(ConfigError) as info:
+        train_sft(micro_cfg(out, **dict(CONTRACT, data__synthetic__seed=1)))
+    msg = str(info.value)
+    assert "data.synthetic.seed: 0 -> 1" in msg and "step-2" in msg, msg
+    assert snapshot(out) == before
+
+    # a data file edited in place (same path, same settings): its digest tells
+    rows = [{"question": p["question"], "answer": p["answer"]} for p in generate_problems(40, seed=5)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = dict(sft__max_steps=4, sft__save_every=2, sft__val_size=4, data__train=str(data))
+    train_sft(micro_cfg(tmp_path / "file_run", **dict(run, sft__max_steps=2)))
+    rows[7]["answer"] = rows[7]["answer"].replace("####", "Total:\n####")
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match=r"\bdata: '[0-9a-f]+' -> '[0-9a-f]+'"):
+        train_sft(micro_cfg(tmp_path / "file_run", **run))
+
+
+def test_a_damaged_newest_state_falls_back_to_the_one_before(finished_sft, micro_cfg, tmp_path, capsys):
+    out = contract_copy(finished_sft, tmp_path / "run")
+    cfg = micro_cfg(out, **CONTRACT)
+    step4 = os.path.join(resume_root(cfg), "step-4")
+    os.remove(os.path.join(step4, "model_optim", "__0_0.distcp"))
+    assert checkpoint.damage(step4) == "model_optim/__0_0.distcp is missing or empty"
+
+    result = train_sft(cfg)
+    printed = capsys.readouterr().out
+    assert f"[sft] resume state {step4} is damaged (model_optim/__0_0.distcp is missing or empty); " \
+           "falling back to the one before it" in printed, printed
+    assert "resuming at step 2" in printed, printed
+    assert result.resumed_from == os.path.join(resume_root(cfg), "step-2") and len(result.step_seconds) == 2
+    # steps 3-4 redone exactly as the uninterrupted run did them
+    assert_metrics_close(read_jsonl(finished_sft / "metrics" / "sft.jsonl"), metrics(cfg), rel=1e-6)
+    assert_tensors_close(adapter_tensors(finished_sft / "checkpoints" / "sft_lora"),
+                         adapter_tensors(result.output_dir), 1e-6, "adapter")
+    assert checkpoint.damage(step4) is None  # step-4 written again, whole
+
+
+def test_an_unwritable_output_folder_fails_before_any_training(micro_cfg, micro_overrides, tmp_path, capsys):
+    from looper.cli import main
+    from looper.io import DataError
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    out = blocker / "run"
+    with pytest.raises(DataError, match=re.escape(str(out))):
+        train_sft(micro_cfg(out))
+    assert main(["sft", *micro_overrides(out)]) == 2
+    assert str(out) in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"] and blocker.read_text() == "not a folder"

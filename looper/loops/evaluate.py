@@ -181,7 +181,7 @@ def evaluate(cfg: Config) -> dict:
         inputs={"model": fingerprint.folder_stamp(model_path), "adapter": fingerprint.adapter_digest(adapter_path)},
         info={"dataset": source, "adapter": adapter_path, "model": model_path},
     )
-    check_resumable(out_jsonl, meta)  # before any work
+    check_resumable(out_jsonl, meta, "eval")  # before any work
     check_writable([out_jsonl, layout.eval_summary(name), layout.config(f"eval_{name}")])
     model, tokenizer = load_for_generation(cfg, adapter_path, env.device)
     records = run_generation(

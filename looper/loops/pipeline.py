@@ -167,15 +167,19 @@ def run_pipeline(cfg: Config, stages: Optional[Sequence[str]] = None, force: Seq
     t_start = time.time()
     summary: dict = {}
 
+    ran: list[str] = []  # stages run by this invocation: later stages recorded as complete are stale
     for name in order:
         stage, r = split_stage(name)
         rcfg = in_round(cfg, r)
         if name not in selected or (stage == "base" and not layout.has_base_stage):
             continue
-        if name in done:
+        if name in done and not ran:
             if env.is_main:
                 print(f"[pipeline] {name}: complete, skipped (use --force {name} to redo it)")
             continue
+        if name in done and env.is_main:
+            # e.g. eval after a new round: it reuses what is still valid and adds what is new
+            print(f"[pipeline] {name}: complete before {ran[-1]} ran in this invocation; running it again")
         if env.is_main:
             print(f"[pipeline] {name}: running")
         t0 = time.time()
@@ -200,6 +204,7 @@ def run_pipeline(cfg: Config, stages: Optional[Sequence[str]] = None, force: Seq
                 summary = compare(files, markdown_path=layout.compare_markdown)
             dist.barrier()
         _mark_done(layout, name, time.time() - t0, settings=stage_settings(rcfg, stage, env.world_size))
+        ran.append(name)
 
     if env.is_main and "eval" in selected:
         from looper.report import write_report

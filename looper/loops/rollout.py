@@ -152,7 +152,7 @@ def collect_rollouts(cfg: Config) -> dict:
         inputs={"adapter": fingerprint.adapter_digest(adapter), "model": fingerprint.folder_stamp(model_path)},
         info={"adapter": adapter, "model": model_path, "stage": "rollout", "regime_w": to_dict(cfg.regime_w)},
     )
-    check_resumable(out_path, meta)  # before any work
+    check_resumable(out_path, meta, layout.stage_name("rollout"))  # before any work
     check_writable([out_path, layout.rollouts_summary(), layout.config("rollout")])
     source = r.dataset if r.dataset is not None else cfg.data.train
     first, count = round_questions(cfg)
