@@ -19,7 +19,7 @@ Not compared, because they do not change a stage's result:
   every sample has its own seed), ``rollout.n_questions`` and ``eval.n_questions`` (a count:
   finished records are kept and reused);
 - rollouts: the ``regime_w`` settings, since records are rescored with the current ones
-  (``looper.loops.rollout.rescore``) instead of mixing two scorings;
+  (``looper.regime_w.rescore``) instead of mixing two scorings;
 - ``prefs.hist_bins`` (the printed histogram only).
 
 Standard library only.

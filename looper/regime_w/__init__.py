@@ -11,7 +11,7 @@ this package never imports torch, transformers or peft.
   :func:`format_summary` describe them.
 
 The formulas are in the docstrings of :mod:`.scoring`, :mod:`.reward` and
-:mod:`.preferences` (and in DESIGN.md, "Regime W" and "Preference pairs").
+:mod:`.preferences` (and in docs/design.md, "Regime W").
 """
 
 from __future__ import annotations

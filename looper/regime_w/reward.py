@@ -1,6 +1,6 @@
 """Regime W trajectory rewards.
 
-For trajectory ``i`` of a group of K (DESIGN.md, "Regime W")::
+For trajectory ``i`` of a group of K (docs/design.md, "Regime W")::
 
     reward_i = alpha * correct_i + beta * coherence_i + bonus * full_i
                - lam * max(0, n_i - free_tokens)
