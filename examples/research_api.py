@@ -4,10 +4,16 @@ Re-score existing rollouts with a different Regime W weighting (more weight on i
 consistency, per-trajectory scope), build preference pairs from the new rewards, run DPO
 on them from the same SFT adapter, evaluate, and compare with SFT and standard DPO.
 
+With ``--next-round``, it also drives one more round of iterative DPO by hand, the way the
+pipeline's ``pipeline.rounds`` does: sample from the variant's adapter, score, build
+pairs, and train from that adapter with it frozen as the reference (an adapter in, an
+adapter out), then evaluate.
+
 It needs the rollouts and the SFT adapter of an earlier run, e.g.:
 
     looper pipeline                                   # the tiny CPU run, into runs/tiny
     python examples/research_api.py                   # then this variant, beside it
+    python examples/research_api.py --next-round      # ... and one more round from it
 
 or ``python examples/research_api.py -c my.yaml key=value ...`` for another run.
 """
@@ -18,7 +24,7 @@ import argparse
 import dataclasses
 import os
 
-from looper import build_preferences, compare, evaluate, load_config, train_dpo
+from looper import build_preference_file, build_preferences, collect_rollouts, compare, evaluate, load_config, train_dpo
 from looper.config import default_config_path
 from looper.io import read_jsonl, write_jsonl_atomic
 from looper.layout import RunLayout
@@ -30,6 +36,7 @@ def main(argv=None) -> dict:
     p.add_argument("-c", "--config", default=default_config_path())
     p.add_argument("overrides", nargs="*")
     p.add_argument("--name", default="dpo_cf", help="name of the variant's adapter and eval files")
+    p.add_argument("--next-round", action="store_true", help="then run one more round of iterative DPO from it")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     layout = RunLayout.of(cfg)  # where the run's files are; the stages below ask it too
@@ -51,8 +58,33 @@ def main(argv=None) -> dict:
 
     # 4. evaluate and compare with SFT (and standard DPO when it exists)
     evaluate(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, adapter=adapter, name=args.name)))
-    files = [layout.eval_records(n) for n in ("sft", "dpo", args.name)]
+    names = ["sft", "dpo", args.name]
+
+    # 5. (optional) one more round by hand: an adapter in, an adapter out
+    if args.next_round:
+        names.append(next_round(cfg, adapter, args.name))
+    files = [layout.eval_records(n) for n in names]
     return compare([f for f in files if os.path.exists(f)], markdown_path=layout.compare_variant(args.name))
+
+
+def next_round(cfg, policy: str, name: str) -> str:
+    """Round 2 of iterative DPO from adapter ``policy``; returns the new run's eval name.
+
+    ``pipeline.round`` names the files (data/rollouts_r2.jsonl, data/preferences_r2.jsonl,
+    checkpoints/<name>_r2_lora); the adapters are given explicitly, so any adapter can
+    start a round.
+    """
+    r = dataclasses.replace(cfg.pipeline, round=2)
+    rcfg = dataclasses.replace(
+        cfg, pipeline=r, rollout=dataclasses.replace(cfg.rollout, adapter=policy),
+        dpo=dataclasses.replace(cfg.dpo, adapter=policy, pairs=None, output_name=f"{name}_lora"),
+    )
+    name = f"{name}_r2"
+    collect_rollouts(rcfg)        # K samples per question from `policy`, scored with Regime W
+    build_preference_file(rcfg)   # correctness pairs first, then coherence pairs
+    adapter = train_dpo(rcfg).output_dir  # policy and frozen reference both start from `policy`
+    evaluate(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, adapter=adapter, name=name)))
+    return name
 
 
 if __name__ == "__main__":
