@@ -193,12 +193,18 @@ def test_research_example_runs_on_the_micro_run(finished_run: Path, tmp_path: Pa
         import research_api
     finally:
         sys.path.pop(0)
-    summary = research_api.main(["-c", default_config_path(), f"run.output_dir={out}", *MICRO_PIPELINE])
+    summary = research_api.main(["-c", default_config_path(), f"run.output_dir={out}", *MICRO_PIPELINE, "--next-round"])
     assert (out / "checkpoints/dpo_cf_lora/adapter_model.safetensors").exists()
     assert (out / "outputs/dpo_cf_eval.json").exists()
     assert (out / "outputs/compare_dpo_cf.md").exists()
     pairs = read_jsonl(str(out / "data/preferences_dpo_cf.jsonl"))
     assert pairs and summary
+    # the round driven by hand: sampled from the variant's adapter, trained from it
+    meta = json.loads((out / "data/rollouts_r2.jsonl.meta.json").read_text())
+    assert meta["info"]["adapter"] == str(out / "checkpoints/dpo_cf_lora")
+    info = json.loads((out / "checkpoints/dpo_cf_r2_lora/looper_info.json").read_text())
+    assert info["reference_adapter"] == str(out / "checkpoints/dpo_cf_lora")
+    assert [r["name"] for r in summary["runs"]] == ["sft", "dpo", "dpo_cf", "dpo_cf_r2"]
 
 
 # --------------------------------------------------------------------------- the run folder contract
