@@ -79,14 +79,18 @@ def resolve_adapter(cfg: Config) -> tuple[Optional[str], str]:
     """``(adapter path or None, label)`` from ``cfg.eval.adapter`` (the spellings of
     ``looper.layout.resolve_adapter``); a missing folder is a ConfigError.
 
-    The label names the output: ``base``, ``sft``, ``dpo``, or the adapter folder's name.
+    The label names the output: ``base``, ``sft``, ``dpo`` (``dpo_r2`` with ``pipeline.round=2``),
+    or the adapter folder's name.
     """
-    path = resolve_adapter_spec(RunLayout.of(cfg), cfg.eval.adapter, "eval.adapter")
+    layout = RunLayout.of(cfg)
+    path = resolve_adapter_spec(layout, cfg.eval.adapter, "eval.adapter")
     if path is None:
         return None, "base"
     key = str(cfg.eval.adapter).strip().lower()
-    if key in ("sft", "dpo"):
+    if key == "sft":
         return path, key
+    if key == "dpo":  # this round's DPO adapter: dpo, dpo_r2, ...
+        return path, layout.stage_name("dpo")
     return path, os.path.basename(os.path.normpath(path)) or "adapter"
 
 
