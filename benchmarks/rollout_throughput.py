@@ -8,10 +8,15 @@ with Regime W, merge and write ``data/rollouts.jsonl``. It reports
 - trajectories/s and generated tokens/s over the stage's generation-and-scoring loop
   (``summary["seconds"]``: ``run_generation`` with its record building, the merge included),
   and the whole stage's wall time (model loading included);
-- the time spent grading and scoring (``extract_answer``, ``is_correct``, ``score_group``,
-  ``trajectory_rewards``, timed by wrapping the names ``make_rollout_record`` calls) and its
-  share of the loop time, which must stay under ``--max-scoring-share`` (5%): the exit
-  status is 1 when it does not;
+- the time spent grading and scoring, and its share of the loop time, which must stay under
+  ``--max-scoring-share`` (5%): the exit status is 1 when it does not. No looper module is
+  patched: after the stage, the same work is replayed on the records it wrote
+  (``RunLayout.of(cfg).rollouts()``) with the public functions, as ``make_rollout_record``
+  does it: ``looper.data.gsm8k.extract_answer`` and ``is_correct`` on every trajectory's
+  ``full_text``, then ``looper.regime_w.rescore.score_record(record, cfg.regime_w)``. The
+  replayed records must equal the file's (``scoring.replay_matches_file``; exit status 1
+  otherwise), so the replay times the stage's own work. The loop's rescoring passes over
+  the finished file (``rescore_file``, ``rescore``) and the summary are not counted;
 - peak memory: the process's peak RSS, the peak RSS sampled during the stage, and on GPU
   the peak allocated CUDA memory of the stage.
 
@@ -29,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import shutil
@@ -47,11 +51,15 @@ from common import (  # noqa: E402
     BENCH_TINY, data_source, ensure_model, make_adapter, mib, peak_rss_bytes, set_threads,
 )
 
-import looper.loops.rollout as rollout  # noqa: E402
 from looper.config import load_config  # noqa: E402
+from looper.data.gsm8k import extract_answer, is_correct  # noqa: E402
 from looper.dist import pick_device  # noqa: E402
+from looper.io import read_jsonl  # noqa: E402
+from looper.layout import RunLayout  # noqa: E402
+from looper.loops.rollout import collect_rollouts  # noqa: E402
+from looper.regime_w.rescore import score_record  # noqa: E402
 
-SCORING_NAMES = ("extract_answer", "is_correct", "score_group", "trajectory_rewards")
+SCORING_PARTS = ("extract_answer", "is_correct", "score_record")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -94,62 +102,70 @@ def stage_config(args, model_dir: str, adapter: str, out: str, source: str | Non
 # --------------------------------------------------------------------------- measuring
 
 
-class ScoringTimer:
-    """Times the grading and scoring inside ``make_rollout_record``: wraps the names it calls
-    (``extract_answer``, ``is_correct``, ``score_group``, ``trajectory_rewards``) and the
-    function itself, and counts a call only while a record is being made (the summary's
-    own ``is_correct`` calls are left out)."""
+class ScoringReplay:
+    """Times the grading and scoring of a rollout stage by doing it again on the records the
+    stage wrote, part by part, with the public functions ``make_rollout_record`` uses:
+    ``extract_answer`` on each trajectory's ``full_text``, ``is_correct`` on each answer
+    against the gold, then ``score_record`` on the graded record under ``cfg.regime_w``.
+
+    Each part is timed over a whole group (one clock read per part and record, not per
+    call). ``matches`` says whether every replayed record equals the stored one (answers,
+    grades, scores and rewards), i.e. whether the replay did the stage's work."""
 
     def __init__(self):
-        self.seconds = {name: 0.0 for name in SCORING_NAMES}
-        self.calls = {name: 0 for name in SCORING_NAMES}
-        self.record_seconds, self.records = 0.0, 0
-        self._saved: dict = {}
-        self._in_record = False
+        self.seconds = {name: 0.0 for name in SCORING_PARTS}
+        self.calls = {name: 0 for name in SCORING_PARTS}
+        self.wall_seconds, self.records, self.mismatched = 0.0, 0, []
 
-    def _wrap(self, name, fn):
-        @functools.wraps(fn)
-        def timed(*a, **kw):
-            if not self._in_record:
-                return fn(*a, **kw)
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                self.seconds[name] += time.perf_counter() - t0
-                self.calls[name] += 1
-
-        return timed
-
-    def _wrap_record(self, fn):
-        @functools.wraps(fn)
-        def timed(*a, **kw):
-            self._in_record = True
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                self.record_seconds += time.perf_counter() - t0
-                self.records += 1
-                self._in_record = False
-
-        return timed
-
-    def __enter__(self):
-        for name in SCORING_NAMES:
-            self._saved[name] = getattr(rollout, name)
-            setattr(rollout, name, self._wrap(name, self._saved[name]))
-        self._saved["make_rollout_record"] = rollout.make_rollout_record
-        rollout.make_rollout_record = self._wrap_record(rollout.make_rollout_record)
+    def run(self, records: list[dict], regime_w) -> "ScoringReplay":
+        clock = time.perf_counter
+        t_start = clock()
+        for stored in records:
+            texts = [t["full_text"] for t in stored["trajectories"]]
+            gold = stored["gold"]
+            t0 = clock()
+            answers = [extract_answer(text) for text in texts]
+            t1 = clock()
+            correct = [bool(is_correct(answer, gold)) for answer in answers]
+            t2 = clock()
+            graded = {  # the record as make_rollout_record builds it before scoring
+                "question_id": stored["question_id"],
+                "question": stored["question"],
+                "prompt": stored["prompt"],
+                "gold": gold,
+                "trajectories": [
+                    {"full_text": text, "answer": answer, "num_tokens": int(t["num_tokens"]),
+                     "correct": ok, "finished": bool(t["finished"])}
+                    for text, answer, ok, t in zip(texts, answers, correct, stored["trajectories"])
+                ],
+            }
+            t3 = clock()
+            scored = score_record(graded, regime_w)
+            t4 = clock()
+            self.seconds["extract_answer"] += t1 - t0
+            self.seconds["is_correct"] += t2 - t1
+            self.seconds["score_record"] += t4 - t3
+            self.calls["extract_answer"] += len(texts)
+            self.calls["is_correct"] += len(texts)
+            self.calls["score_record"] += 1
+            self.records += 1
+            if _canonical(scored) != _canonical(stored):
+                self.mismatched.append(stored["question_id"])
+        self.wall_seconds = clock() - t_start  # comparisons included
         return self
-
-    def __exit__(self, *exc):
-        for name, fn in self._saved.items():
-            setattr(rollout, name, fn)
 
     @property
     def total(self) -> float:
         return sum(self.seconds.values())
+
+    @property
+    def matches(self) -> bool:
+        return not self.mismatched
+
+
+def _canonical(record: dict) -> str:
+    # JSON text, keys sorted: a stored record went through JSON (NaN == NaN here, unlike floats)
+    return json.dumps(record, sort_keys=True)
 
 
 class RssSampler:
@@ -201,7 +217,7 @@ def main(argv=None) -> dict:
         warm_out = os.path.join(work, "warmup")
         shutil.rmtree(warm_out, ignore_errors=True)
         with contextlib.redirect_stdout(sys.stderr):  # stdout holds only the JSON
-            rollout.collect_rollouts(stage_config(args, model_dir, adapter, warm_out, source,
+            collect_rollouts(stage_config(args, model_dir, adapter, warm_out, source,
                                                   questions=2, k=2, generation={"max_new_tokens": 4}))
 
         out = os.path.join(work, "run")
@@ -210,14 +226,19 @@ def main(argv=None) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        with RssSampler() as rss, ScoringTimer() as timer, contextlib.redirect_stdout(sys.stderr):
+        with RssSampler() as rss, contextlib.redirect_stdout(sys.stderr):
             t0 = time.perf_counter()
-            summary = rollout.collect_rollouts(cfg)
+            summary = collect_rollouts(cfg)
             stage_s = time.perf_counter() - t0
-        records = [json.loads(line) for line in open(os.path.join(out, "data", "rollouts.jsonl"), encoding="utf-8")]
+        records = read_jsonl(RunLayout.of(cfg).rollouts())
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
+
+    timer = ScoringReplay().run(records, cfg.regime_w)  # after the stage: not in its times or memory
+    if not timer.matches:
+        print(f"[bench] the replay differs from the stage's records for {len(timer.mismatched)} question(s), "
+              f"e.g. {timer.mismatched[:3]}: its times are not the stage's", file=sys.stderr)
 
     loop_s = max(float(summary["seconds"]), 1e-9)
     n_traj = sum(len(r["trajectories"]) for r in records)
@@ -259,8 +280,9 @@ def main(argv=None) -> dict:
             "by_function_s": {k: round(v, 4) for k, v in timer.seconds.items()},
             "calls": timer.calls,
             "ms_per_group": round(1000 * timer.total / max(1, len(records)), 3),
-            "make_rollout_record_seconds": round(timer.record_seconds, 4),
-            "make_rollout_record_share_of_loop": round(timer.record_seconds / loop_s, 5),
+            "method": "replay of extract_answer, is_correct and score_record on the written records",
+            "replay_matches_file": timer.matches,
+            "replay_wall_seconds": round(timer.wall_seconds, 4),
         },
         "rollout_summary": {k: summary[k] for k in ("accuracy", "maj_at_k", "pass_at_k", "s_wm", "mean_tokens")},
         "peak_memory": memory,
@@ -271,4 +293,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     res = main()
-    sys.exit(0 if res["scoring"]["ok"] else 1)
+    sys.exit(0 if res["scoring"]["ok"] and res["scoring"]["replay_matches_file"] else 1)
