@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from looper.answers import REL_TOL
+
 ABEL_PROMPT = "Question:\n{question}\nAnswer:\nLet's think step by step.\n"
 
 
@@ -157,7 +159,7 @@ class RegimeWConfig:
     free_tokens: int = 512
     scope: Literal["question", "trajectory"] = "question"
     # arithmetic claim checking (looper.regime_w.scoring)
-    rel_tol: float = 1e-6  # relative tolerance for claim results and numeric answer equality
+    rel_tol: float = REL_TOL  # relative tolerance for claim results and numeric answer equality
     allow_rounding: bool = True  # "10/3 = 3.33" holds: a result with d decimals may be rounded
     # final-answer line markers (ASCII letters match in any case; the last line holding one wins)
     answer_markers: list[str] = field(default_factory=lambda: ["####", "The answer is", "Answer:"])

@@ -11,23 +11,27 @@ Every loader returns a list of question records::
 where ``answer`` is the full reference solution (ending in ``#### N``) and ``gold`` is the
 normalized final answer (see :func:`normalize_answer`).
 
-Answer extraction comes in two flavours:
+Answer extraction comes in two flavours (both from :mod:`looper.answers`, which also
+holds the number grammar, the canonical form and the bounds on the work done):
 
 - :func:`extract_answer_strict` accepts only explicit final-answer forms
   (``#### N``, ``The answer is N``, ``Answer: N``) and returns the last one;
 - :func:`extract_answer` tries the strict forms first and otherwise falls back to the
   last number in the text.
+
+Both read only the end of a completion (``looper.answers.WINDOW`` characters).
+:func:`is_correct` is :func:`looper.answers.answers_equal` (relative tolerance
+``looper.answers.REL_TOL``).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
+from looper.answers import REL_TOL, answers_equal, extract_answer, extract_answer_strict, normalize_answer
 from looper.config import ABEL_PROMPT, DataConfig
 from looper.io import DataError, iter_jsonl
 
@@ -55,82 +59,10 @@ _PLATINUM_ALIASES = {"platinum", "gsm8k-platinum", PLATINUM_HF_ID}
 
 Source = Union[str, "os.PathLike[str]", Sequence[dict], Any]
 
-# --------------------------------------------------------------------------- numbers
+# --------------------------------------------------------------------------- answers
 
-# One number as written in text: optional sign, optional "$", digits with optional
-# thousands groups, optional decimals. A "-" counts as a sign only when it does not
-# follow a word character or a closing bracket, so "16-3" reads as 16 and 3, not -3.
-_NUM_BODY = r"(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
-_NUMBER = (
-    r"(?:(?<![\w)\]])-)?"  # a sign, unless it is a minus between operands ("16-3")
-    r"(?:\$[ \t]?-?)?"  # currency, possibly followed by the sign ("$-5")
-    r"(?<!\d)" + _NUM_BODY + r"(?!\d)"
-)
-_NUMBER_RE = re.compile(_NUMBER)
-
-# Strict final-answer forms. Each captures the number in group "num".
-_STRICT_PATTERNS = [
-    # "#### 18", "#### $1,000"
-    re.compile(r"####[ \t]*\**[ \t]*(?P<num>" + _NUMBER + r")"),
-    # "The answer is 18", "the final answer is: $18.00 per day", "The answer is **18**"
-    re.compile(
-        r"\banswer\s+is\s*:?[ \t]*\**[ \t]*(?:\\boxed\{)?[ \t]*(?P<num>" + _NUMBER + r")",
-        re.IGNORECASE,
-    ),
-    # "Answer: 18" with the number on the same line (so the Abel prompt's
-    # "Answer:\nLet's think step by step." never counts).
-    re.compile(r"\banswer[ \t]*:[ \t]*\**[ \t]*(?P<num>" + _NUMBER + r")", re.IGNORECASE),
-]
-
-_CALC_RE = re.compile(r"<<[^<>]*>>")
-
-
-def _canonical(number_text: str) -> Optional[str]:
-    """Canonical string for a number token such as ``"-$1,000.50"`` (None if unparsable)."""
-    t = number_text.replace("$", "").replace(",", "").replace(" ", "").replace("\t", "")
-    if not t:
-        return None
-    try:
-        d = Decimal(t)
-    except InvalidOperation:
-        return None
-    if not d.is_finite():
-        return None
-    if d == d.to_integral_value():
-        return str(int(d))
-    text = format(d.normalize(), "f")
-    return "0" if text in ("-0", "0") else text
-
-
-def normalize_answer(s: Any) -> Optional[str]:
-    """Return the canonical numeric string of an answer, or None if it holds no number.
-
-    Strips whitespace, ``$``, thousands separators, a trailing ``.`` and surrounding
-    ``**``; trailing zeros after the decimal point are dropped::
-
-        "1,000.00" -> "1000"    "-3.50" -> "-3.5"    "5." -> "5"    "$ 18" -> "18"
-
-    When the text is not a bare number (``"18 dollars"``), the first number in it is used.
-    """
-    if s is None:
-        return None
-    if isinstance(s, bool):
-        return None
-    if isinstance(s, (int, float, Decimal)):
-        if isinstance(s, float) and not math.isfinite(s):
-            return None
-        return _canonical(repr(s) if isinstance(s, float) else str(s))
-    text = str(s).replace("\u2212", "-").strip()
-    text = text.strip("*").strip()
-    text = text.rstrip(".").strip()
-    if not text:
-        return None
-    m = _NUMBER_RE.fullmatch(text.strip())
-    if m is None:
-        m = _NUMBER_RE.search(text)
-        if m is None:
-            return None
-    return _canonical(m.group(0))
+# The number grammar, canonical form, answer extraction and equality live in
+# looper.answers (shared with Regime W scoring); this module re-exports them.
 
 
 def gold_answer(answer_field: str) -> str:
@@ -152,65 +84,19 @@ def gold_answer(answer_field: str) -> str:
     return gold
 
 
-def extract_answer_strict(text: str) -> Optional[str]:
-    """The last explicit final answer in ``text``, normalized; None if there is none.
-
-    Accepted forms: ``#### N``, ``The answer is N`` (any case, optional ``$`` and
-    trailing text) and ``Answer: N`` with the number on the same line.
-    """
-    if not text:
-        return None
-    best_pos = -1
-    best: Optional[str] = None
-    for pattern in _STRICT_PATTERNS:
-        for m in pattern.finditer(text):
-            pos = m.start("num")
-            if pos > best_pos:
-                value = _canonical(m.group("num"))
-                if value is not None:
-                    best_pos, best = pos, value
-    return best
-
-
-def extract_answer(text: str) -> Optional[str]:
-    """The final answer in ``text``: a strict form if present, else the last number.
-
-    Handles money (``$1,234.50``), thousands separators, negatives and decimals. Returns
-    the normalized string, or None when the text contains no number at all.
-    """
-    if not text:
-        return None
-    strict = extract_answer_strict(text)
-    if strict is not None:
-        return strict
-    last: Optional[str] = None
-    for m in _NUMBER_RE.finditer(text):
-        value = _canonical(m.group(0))
-        if value is not None:
-            last = value
-    return last
-
-
-def is_correct(prediction: Any, gold: Any) -> bool:
-    """Whether ``prediction`` equals ``gold`` numerically (relative tolerance 1e-6).
+def is_correct(prediction: Any, gold: Any, rel_tol: float = REL_TOL) -> bool:
+    """Whether ``prediction`` equals ``gold`` numerically (relative tolerance ``rel_tol``).
 
     Both sides are normalized first, so ``$``, ``,`` and a trailing ``.`` are ignored.
-    A None (or non-numeric) prediction is never correct.
+    A None (or non-numeric) prediction is never correct. Same rule as
+    :func:`looper.answers.answers_equal`.
     """
-    p = normalize_answer(prediction)
-    g = normalize_answer(gold)
-    if p is None or g is None:
-        return False
-    if p == g:
-        return True
-    try:
-        a, b = float(p), float(g)
-    except (ValueError, OverflowError):
-        return False
-    return math.isclose(a, b, rel_tol=1e-6, abs_tol=0.0)
+    return answers_equal(prediction, gold, rel_tol)
 
 
 # --------------------------------------------------------------------------- text
+
+_CALC_RE = re.compile(r"<<[^<>]*>>")
 
 
 def strip_calculator(text: str) -> str:

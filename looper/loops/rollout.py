@@ -19,7 +19,7 @@ from looper.generation import check_resumable, generation_meta, run_generation
 from looper.io import DataError, check_writable, read_jsonl, write_json_atomic, write_jsonl_atomic
 from looper.layout import RunLayout, holds_run_lock, resolve_adapter
 from looper.models import ensure_model, load_for_generation
-from looper.regime_w import answer_key
+from looper.answers import majority
 from looper.regime_w.rescore import rescore, score_record
 
 
@@ -77,21 +77,10 @@ def make_rollout_record(question: dict, samples: list[dict], cfg: Config) -> dic
 
 
 def majority_answer(answers: list, max_digits: int = 30):
-    """The majority answer of a group as Regime W defines it (``score_group``'s ``majority``):
-    the most common non-None answer, numbers agreeing by value; a tie goes to the smallest
-    key, so the result does not depend on the order of the trajectories. None if every
-    answer is None."""
-    counts: dict[tuple, int] = {}
-    first: dict[tuple, object] = {}
-    for a in answers:
-        key = answer_key(a, max_digits)
-        if key is not None:
-            counts[key] = counts.get(key, 0) + 1
-            first.setdefault(key, a)
-    if not counts:
-        return None
-    top = max(counts.values())
-    return first[min(key for key, c in counts.items() if c == top)]
+    """The majority answer of a group as Regime W defines it (``looper.answers.majority``, the
+    rule ``score_group`` uses for s_end): the most common non-None answer, numbers agreeing
+    by value, ties to the smallest key. None if every answer is None."""
+    return majority(answers, max_digits)[2]
 
 
 def rollout_summary(records: list[dict], max_digits: int = 30) -> dict:

@@ -33,7 +33,8 @@ Arithmetic claims are read in two forms:
     leading number (``5 + 3 = 8 + 2 = 10``) or the whole right-hand expression
     (``4 * 60 / 5 = 4 * 12 = 48``, ``6/8 = 3/4``).
 
-Numbers may carry ``$``, thousands commas (``1,000``) and decimals (``.5``, ``2.25``).
+Numbers are read with the grammar of :mod:`looper.answers` (``$``, thousands commas
+``1,000``, decimals ``.5``, ``2.25``; ASCII digits).
 Claims are checked by a small recursive-descent evaluator over floats (never ``eval``).
 A claim holds when the value is finite and ``math.isclose(value, r, rel_tol=rel_tol)``, or,
 with ``allow_rounding``, when ``r`` is written with ``d >= 1`` decimals and
@@ -48,6 +49,8 @@ digits is not read, and nesting deeper than ``max_depth`` is rejected. Every reg
 expression here runs in linear time.
 
 Answers are compared numerically: ``"18"``, ``"18.0"`` and ``"$18"`` are the same answer.
+Answer values, answer keys and the majority vote are :func:`looper.answers.answer_value`,
+:func:`looper.answers.answer_key` and :func:`looper.answers.majority` (re-exported here).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from looper.answers import NUMBER_BODY, NUMBER_RE, answer_key, answer_value, majority, number_value
 from looper.config import RegimeWConfig
 
 __all__ = [
@@ -85,48 +89,29 @@ _INLINE_RE = re.compile(rf"(?<!{_EXPR_CLASS})({_EXPR_CLASS}+)=(?!=)")
 # GSM8K calculator annotation.
 _ANNOT_RE = re.compile(r"<<([^<>\n]*)>>")
 
-# The body of a written number: "12", "1,000", "2.25", ".5" (ASCII digits only).
-_NUM_BODY = r"(?:[0-9]+(?:,[0-9]{3}(?![0-9]))*(?:\.[0-9]+)?|\.[0-9]+)"
+# The body of a written number: "12", "1,000", "2.25", ".5" (looper.answers' grammar).
+_NUM_BODY = NUMBER_BODY
 # The result right after an inline "=": optional sign, "$" and "%" ("= -5", "= $1,200", "= 50%").
+# Each run of blanks belongs to one quantifier, so a failed match is linear in its length.
 _RHS_RE = re.compile(
-    rf"[ \t]*(?P<neg>-)?[ \t]*\$?[ \t]*(?P<neg2>-)?(?P<num>{_NUM_BODY})(?![0-9])(?P<pct>[ \t]*%)?"
+    rf"[ \t]*(?:(?P<neg>-)[ \t]*)?(?:\$[ \t]*)?(?P<neg2>-)?(?P<num>{_NUM_BODY})(?![0-9])(?P<pct>[ \t]*%)?"
 )
 # A result followed by more digits is a mixed number or spaced thousands ("3 1/2", "409 500").
 _MIXED_RE = re.compile(r"[ \t]+[0-9]")
 # The expression characters that follow an "=" (the right-hand side of a chain).
 _RUN_RE = re.compile(rf"{_EXPR_CLASS}*")
 # The result of an annotation: the whole text after the last "=".
-_ANNOT_RESULT_RE = re.compile(rf"\s*(?P<neg>-)?\s*\$?\s*(?P<neg2>-)?(?P<num>{_NUM_BODY})\s*")
+_ANNOT_RESULT_RE = re.compile(rf"\s*(?:(?P<neg>-)\s*)?(?:\$\s*)?(?P<neg2>-)?(?P<num>{_NUM_BODY})\s*")
 # One token of an expression.
 _TOKEN_RE = re.compile(
     rf"\s*(?:(?P<num>\$?{_NUM_BODY})|(?P<op>[-+*/x\u00d7\u00f7()])|(?P<minus>[\u2212\u2013])|(?P<junk>\S))"
 )
-# A number in free text. A "-" is a sign only when it is attached to the digits and does
-# not follow a word character or a closing bracket ("16-3" reads 16 and 3, "is -5" reads -5).
-_TEXT_NUM_RE = re.compile(
-    rf"(?=[-$.0-9])(?P<neg>(?<![0-9A-Za-z_)\]])-)?\$?(?<![0-9.])(?P<num>{_NUM_BODY})(?![0-9])"
-)
-# A whole answer string after "$", "," and spaces are removed.
-_ANSWER_RE = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 
 _MUL_OPS = frozenset("*x\u00d7")
 _DIV_OPS = frozenset("/\u00f7")
 # At most this many leading parentheses are trimmed off an inline expression.
 _MAX_TRIM = 3
 _PARENS = (("op", "("), ("op", ")"))
-
-
-def _digits(text: str) -> int:
-    """Digit count of a number written with only digits, ".", "-" (after "$"/"," removal)."""
-    return len(text) - text.count(".") - text.count("-")
-
-
-def _number(text: str, max_digits: int) -> Optional[float]:
-    """Float value of a number token (``"$1,000.5"``); None when it has too many digits."""
-    body = text.replace("$", "").replace(",", "")
-    if _digits(body) > max_digits:
-        return None
-    return float(body)
 
 
 def _decimals(text: str) -> int:
@@ -249,7 +234,7 @@ def _tokenize(text: str, max_digits: int, starts: Optional[list[int]] = None) ->
             starts.append(m.start(kind))
         tok = m.group(kind)
         if kind == "num":
-            value = _number(tok, max_digits)
+            value = number_value(tok, max_digits)
             tokens.append(("junk", "#") if value is None else ("num", value))
         elif kind == "minus":  # the Unicode minus and the en dash read as "-"
             tokens.append(("op", "-"))
@@ -323,7 +308,7 @@ def _holds(value: float, result: float, decimals: int, cfg: RegimeWConfig) -> bo
 def _signed_result(m: re.Match, cfg: RegimeWConfig) -> Optional[tuple[float, int]]:
     """``(value, decimals)`` of a matched result number; None when it has too many digits."""
     num = m.group("num")
-    value = _number(num, cfg.max_number_digits)
+    value = number_value(num, cfg.max_number_digits)
     if value is None:
         return None
     if m.group("neg") or m.group("neg2"):
@@ -461,34 +446,6 @@ def extract_claims(text: str, cfg: Optional[RegimeWConfig] = None) -> list[Claim
 
 # --------------------------------------------------------------------------- answers
 
-
-def answer_value(answer: object, max_digits: int = 30) -> Optional[float]:
-    """Numeric value of an answer string (``"$1,000."`` -> 1000.0), or None if not a number."""
-    if answer is None or isinstance(answer, bool):
-        return None
-    if isinstance(answer, float):
-        return answer if math.isfinite(answer) else None
-    text = str(answer).strip().replace("\u2212", "-")
-    text = text.replace("$", "").replace(",", "").replace(" ", "").rstrip(".")
-    if not _ANSWER_RE.fullmatch(text) or _digits(text) > max_digits:
-        return None
-    return float(text)
-
-
-def answer_key(answer: object, max_digits: int = 30) -> Optional[tuple]:
-    """Key under which answers agree: ``(0, value)`` for numbers, ``(1, text)`` otherwise.
-
-    None (or blank) answers have no key: they never agree with anything.
-    """
-    if answer is None:
-        return None
-    value = answer_value(answer, max_digits)
-    if value is not None:
-        return (0, value + 0.0)  # -0.0 -> 0.0
-    text = str(answer).strip()
-    return (1, text) if text else None
-
-
 # Lower-cases ASCII letters only, so string positions do not move.
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
@@ -510,12 +467,14 @@ def final_answer_split(text: str, markers: Sequence[str] = ("####", "The answer 
 
 
 def _text_numbers(text: str, max_digits: int) -> set[float]:
-    """The distinct numbers written in ``text`` (signed where the sign is attached)."""
+    """The distinct numbers written in ``text`` (signed where the sign is attached), read
+    with :data:`looper.answers.NUMBER_RE`; numbers with more than ``max_digits`` digits
+    are left out."""
     values: set[float] = set()
-    for neg, num in set(_TEXT_NUM_RE.findall(text)):
-        value = _number(num, max_digits)
+    for token in set(NUMBER_RE.findall(text)):
+        value = number_value(token, max_digits)
         if value is not None:
-            values.add(-value if neg else value + 0.0)
+            values.add(value + 0.0)
     return values
 
 
@@ -607,19 +566,10 @@ def score_group(
         if not isinstance(t, str):
             raise ValueError(f"texts must be strings, got {type(t).__name__}")
 
-    # s_end and the majority answer
+    # s_end and the majority answer (looper.answers.majority: ties -> the smallest key)
+    majority_key, top, majority_answer = majority(answers, cfg.max_number_digits)
+    s_end = top / k
     keys = [answer_key(a, cfg.max_number_digits) for a in answers]
-    counts: dict[tuple, int] = {}
-    for key in keys:
-        if key is not None:
-            counts[key] = counts.get(key, 0) + 1
-    if counts:
-        top = max(counts.values())
-        majority_key: Optional[tuple] = min(key for key, c in counts.items() if c == top)
-        s_end = top / k
-        majority: Optional[str] = min(str(a).strip() for a, key in zip(answers, keys) if key == majority_key)
-    else:
-        majority_key, s_end, majority = None, 0.0, None
     agree = np.array([key is not None and key == majority_key for key in keys], dtype=bool)
 
     # s_path and per-trajectory length deviation
@@ -644,7 +594,7 @@ def score_group(
         s_path=float(s_path),
         s_cf=s_cf,
         s_wm=float(s_wm),
-        majority=majority,
+        majority=majority_answer,
         agree=agree,
         length_dev=length_dev,
         step=step,
