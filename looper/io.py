@@ -1,8 +1,8 @@
 """Files: JSONL reading with errors that name the file and line, and every atomic write.
 
 - ``iter_jsonl`` / ``read_jsonl`` / ``read_jsonl_prefix``: strict readers;
-- ``write_text_atomic`` / ``write_json_atomic`` / ``write_jsonl_atomic``: a temporary file
-  beside the target, then a rename, so a reader never sees half a file;
+- ``write_atomic`` / ``write_text_atomic`` / ``write_json_atomic`` / ``write_jsonl_atomic``: a
+  temporary file beside the target, then a rename, so a reader never sees half a file;
 - ``replace_dir``: move a finished folder into place (an atomic swap where the OS allows);
 - ``sha256_files``: one digest over several files (missing ones are skipped);
 - ``JsonlAppender``: one flushed line per record, for resumable outputs;
@@ -120,18 +120,28 @@ def write_jsonl_atomic(path: str, records: Iterable[dict]) -> int:
     return n
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it and a rename."""
+def write_atomic(path: str, write) -> None:
+    """Call ``write(tmp)`` to write a temporary file beside ``path``, then rename it to
+    ``path``; on any failure the temporary file is removed and ``path`` is left as it was.
+    (For formats written by other libraries, e.g. ``safetensors.torch.save_file``.)"""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it and a rename."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    write_atomic(path, write)
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

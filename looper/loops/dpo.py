@@ -27,7 +27,7 @@ import torch
 from looper import checkpoint, dist, fingerprint
 from looper.config import Config, ConfigError, save_config
 from looper.data.tokenize import PairEncoded, collate_pairs, encode_pair
-from looper.io import DataError, check_writable, iter_jsonl, sha256_files
+from looper.io import DataError, check_writable, iter_jsonl, sha256_files, write_atomic
 from looper.layout import RunLayout, holds_run_lock, resolve_adapter
 from looper.losses.dpo import dpo_loss, dpo_objective, num_completion_tokens, preference_metrics, sequence_logps
 from looper.loops.common import (
@@ -135,10 +135,7 @@ def cached_reference(path: str, compute) -> tuple[torch.Tensor, str]:
         return dist.broadcast_object(load_file(path)["logps"] if dist.is_main() else None), "cached"
     logps = compute()
     if dist.is_main():
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp.{os.getpid()}"
-        save_file({"logps": logps}, tmp)
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: save_file({"logps": logps}, tmp))
     dist.barrier()
     return logps, "computed"
 
