@@ -139,6 +139,14 @@ def _parts(token: str) -> Optional[tuple[bool, str, str]]:
     return "-" in token, whole, frac
 
 
+def _bounded_parts(token: str, max_digits: Optional[int]) -> Optional[tuple[bool, str, str]]:
+    """``_parts(token)``, or None when it has more than ``max_digits`` digits as written."""
+    parts = _parts(token)
+    if parts is None or (max_digits is not None and len(parts[1]) + len(parts[2]) > max_digits):
+        return None
+    return parts
+
+
 def canonical_number(token: str, max_digits: Optional[int] = None) -> Optional[str]:
     """Canonical string of one number token (``"-$1,000.50"`` -> ``"-1000.5"``).
 
@@ -146,12 +154,10 @@ def canonical_number(token: str, max_digits: Optional[int] = None) -> Optional[s
     the digits). Returns None when it holds no digit, is not a plain decimal number, or
     has more than ``max_digits`` digits as written (no bound by default).
     """
-    parts = _parts(token)
+    parts = _bounded_parts(token, max_digits)
     if parts is None:
         return None
     negative, whole, frac = parts
-    if max_digits is not None and len(whole) + len(frac) > max_digits:
-        return None
     whole, frac = whole.lstrip("0"), frac.rstrip("0")
     significant = len(whole) + len(frac) if whole else len(frac.lstrip("0"))
     if frac and significant > SIGNIFICANT_DIGITS:  # may round up to an integer: 0.99..9 -> 1
@@ -164,12 +170,10 @@ def canonical_number(token: str, max_digits: Optional[int] = None) -> Optional[s
 def number_value(token: str, max_digits: Optional[int] = None) -> Optional[float]:
     """Float value of a number token (``"$1,000.5"`` -> 1000.5, the nearest float to the
     digits as written); None if it is not one or has more than ``max_digits`` digits."""
-    parts = _parts(token)
+    parts = _bounded_parts(token, max_digits)
     if parts is None:
         return None
     negative, whole, frac = parts
-    if max_digits is not None and len(whole) + len(frac) > max_digits:
-        return None
     value = float((whole or "0") + "." + (frac or "0"))
     return -value if negative else value
 
