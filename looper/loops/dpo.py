@@ -190,11 +190,7 @@ def eval_pairs(model, examples, ref, batch_size: int, pad_id: int, env, beta: fl
 def reference_model_id(cfg: Config, model_path: str, device: torch.device) -> str:
     """What makes one adapter a different reference: the base model it is applied to (name,
     revision, the local config and weight files' sizes and dates) and the compute precision."""
-    files = []
-    if os.path.isdir(model_path):
-        files = sorted(f for f in os.listdir(model_path) if f.endswith((".json", ".safetensors")))
-    stamp = [(f, os.stat(os.path.join(model_path, f)).st_size, os.stat(os.path.join(model_path, f)).st_mtime_ns)
-             for f in files]
+    stamp = fingerprint.folder_stamp(model_path)
     return json.dumps([model_path, cfg.model.revision, str(resolve_dtype(cfg.model.dtype, device)), stamp])
 
 
