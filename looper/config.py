@@ -82,7 +82,13 @@ class DataConfig:
     train: Optional[str] = None
     test: Optional[str] = None
     hf_config: str = "main"
-    prompt_template: str = ABEL_PROMPT
+    prompt_template: str = ABEL_PROMPT  # the prompt of prompt_format: template
+    # template: prompt_template as plain text (BOS + prompt, completion + EOS);
+    # chat: the tokenizer's chat template (system?, user) with the generation prompt, the
+    # completion as the assistant turn ended by the template's end-of-turn token
+    # (looper/data/formats.py)
+    prompt_format: Literal["template", "chat"] = "template"
+    system_prompt: Optional[str] = None  # chat only: a system message before the question
     strip_calculator: bool = False
     max_length: int = 512
     truncation: Literal["truncate", "error"] = "truncate"
@@ -281,6 +287,7 @@ PLAIN_NAME = Check(
     "a plain folder or file name (no '/')",
 )
 NON_EMPTY = Check(lambda v: bool(str(v).strip()), "a non-empty string")
+OPTIONAL_TEXT = Check(lambda v: v is None or bool(v.strip()), "null or a non-empty string")
 ADAM_BETAS = Check(lambda v: len(v) == 2 and all(0.0 <= b < 1.0 for b in v), "two values in [0, 1)")
 MARKERS = Check(lambda v: len(v) > 0 and all(isinstance(m, str) and m for m in v), "a list of non-empty strings")
 TARGETS = Check(
@@ -297,7 +304,7 @@ BOUNDS: dict[type, dict[str, Check]] = {
     },
     LoraConfig: {"r": at_least(1), "alpha": above(0), "dropout": between(0.0, 1.0, hi_open=True), "target_modules": TARGETS},
     SyntheticConfig: {"n_train": at_least(1), "n_test": at_least(1), "n_val": at_least(1), "min_steps": at_least(1), "max_number": at_least(2)},
-    DataConfig: {"max_length": at_least(8)},
+    DataConfig: {"max_length": at_least(8), "system_prompt": OPTIONAL_TEXT},
     TrainConfig: {
         "batch_size": at_least(1), "grad_accum": at_least(1), "epochs": above(0), "max_steps": STEPS_OR_EPOCHS,
         "lr": above(0), "weight_decay": at_least(0), "betas": ADAM_BETAS, "warmup_steps": at_least(0),
@@ -354,10 +361,22 @@ def _steps_ordered(c: SyntheticConfig) -> Optional[str]:
     return None
 
 
+def _prompts_fit_the_format(c: DataConfig) -> Optional[str]:
+    if c.prompt_format == "template" and "{question}" not in c.prompt_template:
+        return f"prompt_template must contain {{question}}, got {c.prompt_template!r}"
+    if c.system_prompt is not None and c.prompt_format != "chat":
+        return (
+            f"system_prompt is set but prompt_format is {c.prompt_format!r}: a system message exists "
+            "only in the chat format (set prompt_format: chat, or put the text in prompt_template)"
+        )
+    return None
+
+
 RULES: dict[type, typing.Callable[[Any], Optional[str]]] = {
     RegimeWConfig: _weights_sum_to_one,
     TinyModelConfig: _heads_divide,
     SyntheticConfig: _steps_ordered,
+    DataConfig: _prompts_fit_the_format,
 }
 
 # keys that existed once: a config that still sets one gets told where it went

@@ -153,16 +153,23 @@ def load_for_generation(cfg: Config, adapter_path: Optional[str], device: torch.
     """The stages' base model (+ adapter merged into the weights, in memory only) and tokenizer.
 
     The adapter folder is only read; its tokenizer is used when it holds one. Returns
-    ``(model, tokenizer)``, the model in eval mode with gradients off.
+    ``(model, tokenizer)``, the model in eval mode with gradients off. The tokenizer is
+    checked against ``data.prompt_format`` before the weights load (``chat`` needs a chat
+    template: ``ConfigError``), and in the chat format the template's end-of-turn token joins
+    ``model.generation_config.eos_token_id``, so generation stops on it.
     """
+    from looper.data import formats
+
     quiet_transformers()
     if adapter_path is not None:
         check_adapter_dir(adapter_path)
     base = ensure_model(cfg)
     has_tok = adapter_path is not None and os.path.isfile(os.path.join(adapter_path, "tokenizer_config.json"))
     tokenizer = load_tokenizer(adapter_path if has_tok else base, cfg.model)
+    fmt = formats.resolve(tokenizer, cfg.data)  # data.prompt_format: chat needs a chat template (before the weights)
     model = load_base_model(base, cfg.model, device)
     model = merged_model(model, adapter_path)
+    formats.add_stop_ids(model, fmt)  # chat: generation stops on the end-of-turn token too
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer

@@ -3,6 +3,13 @@
 Prompt and completion are tokenized separately and then joined, so the boundary between
 them never shifts with the tokenizer's merges. The completion ends with EOS. Labels are
 -100 on the prompt and on padding, so the loss covers the completion only.
+
+That is the ``template`` prompt format. The encoders take an optional ``fmt`` (a format of
+``looper.data.formats``, which holds every formatting rule); with the ``chat`` format the
+prompt is the rendered chat template, the completion ends with the template's end-of-turn
+text instead of EOS, and every example's boundary is checked against the whole rendered
+conversation (``DataError`` naming the example on a mismatch). ``fmt=None`` is the
+template format, exactly as before.
 """
 
 from __future__ import annotations
@@ -62,21 +69,52 @@ def join_truncate(
     return p, completion_ids[:keep_c], True
 
 
-def encode_example(tokenizer, prompt: str, completion: str, max_length: int, mode: str, where: str = "") -> Encoded:
-    p, c, truncated = join_truncate(
-        encode_prompt(tokenizer, prompt), encode_completion(tokenizer, completion), max_length, mode, where
-    )
+def _encode_pieces(tokenizer, prompt: str, completion: str, where: str, fmt=None, messages=None):
+    if fmt is None:
+        return encode_prompt(tokenizer, prompt), encode_completion(tokenizer, completion)
+    return fmt.encode(prompt, completion, where, messages)
+
+
+def encode_example(
+    tokenizer, prompt: str, completion: str, max_length: int, mode: str, where: str = "",
+    fmt=None, messages=None,
+) -> Encoded:
+    """One training example. ``fmt``: a ``looper.data.formats`` format (None: template);
+    ``messages``: the chat conversation before the answer, checked against ``prompt``."""
+    p, c = _encode_pieces(tokenizer, prompt, completion, where, fmt, messages)
+    p, c, truncated = join_truncate(p, c, max_length, mode, where)
     return Encoded(p + c, [IGNORE_INDEX] * len(p) + c, len(p), truncated)
 
 
-def encode_sft_rows(tokenizer, rows: Sequence[dict], max_length: int, mode: str) -> tuple[list[Encoded], int]:
-    """Encode rows with ``prompt`` and ``completion`` text; returns examples and the truncated count."""
-    out = []
+def _row_format(tokenizer, row: dict, cache: dict):
+    """The format of an SFT row: chat when it carries its ``messages`` (``load_sft_rows``
+    writes them in the chat format), else template (None)."""
+    messages = row.get("messages")
+    if messages is None:
+        return None
+    from looper.data.formats import ChatFormat
+
+    system = messages[0]["content"] if messages and messages[0].get("role") == "system" else None
+    if system not in cache:
+        cache[system] = ChatFormat(tokenizer, system)
+    return cache[system]
+
+
+def encode_sft_rows(tokenizer, rows: Sequence[dict], max_length: int, mode: str, fmt=None) -> tuple[list[Encoded], int]:
+    """Encode rows with ``prompt`` and ``completion`` text; returns examples and the truncated count.
+
+    A row that carries ``messages`` (the chat conversation before the answer) is encoded in
+    the chat format and checked against the template's rendering of the whole conversation;
+    ``fmt`` (a ``looper.data.formats`` format) applies to the rows without them.
+    """
+    out, chats = [], {}
     for i, row in enumerate(rows):
         where = f"row {row.get('question_id', i)}: "
         if not row["completion"]:
             raise DataError(f"{where}empty completion")
-        out.append(encode_example(tokenizer, row["prompt"], row["completion"], max_length, mode, where))
+        row_fmt = _row_format(tokenizer, row, chats) or fmt
+        out.append(encode_example(tokenizer, row["prompt"], row["completion"], max_length, mode, where,
+                                  row_fmt, row.get("messages")))
     return out, sum(e.truncated for e in out)
 
 
@@ -167,16 +205,22 @@ class PairEncoded:
 
 
 def encode_pair(
-    tokenizer, prompt: str, chosen: str, rejected: str, max_length: int, mode: str, where: str = ""
+    tokenizer, prompt: str, chosen: str, rejected: str, max_length: int, mode: str, where: str = "", fmt=None
 ) -> PairEncoded:
-    """Tokenize the prompt once and each completion separately (each ends with EOS).
+    """Tokenize the prompt once and each completion separately, as SFT does: each ends with
+    EOS (template format, ``fmt=None``) or with the end-of-turn text (``fmt`` chat, where
+    both boundaries are checked against the whole conversation).
 
     Truncation treats the longer completion as the one to fit, so chosen and rejected keep
     exactly the same prompt tokens.
     """
-    p = encode_prompt(tokenizer, prompt)
-    c = encode_completion(tokenizer, chosen)
-    r = encode_completion(tokenizer, rejected)
+    if fmt is None:
+        p = encode_prompt(tokenizer, prompt)
+        c = encode_completion(tokenizer, chosen)
+        r = encode_completion(tokenizer, rejected)
+    else:
+        p, c = fmt.encode(prompt, chosen, where)
+        _, r = fmt.encode(prompt, rejected, where)
     longer = c if len(c) >= len(r) else r
     p2, kept, truncated = join_truncate(p, longer, max_length, mode, where)
     room = max_length - len(p2)

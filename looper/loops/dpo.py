@@ -26,6 +26,7 @@ import torch
 
 from looper import checkpoint, dist, fingerprint
 from looper.config import Config, ConfigError, save_config
+from looper.data import formats
 from looper.data.tokenize import PairEncoded, collate_pairs, encode_pair
 from looper.io import DataError, check_writable, iter_jsonl, sha256_files, write_atomic
 from looper.layout import RunLayout, holds_run_lock, resolve_adapter
@@ -56,8 +57,11 @@ def resolve_inputs(cfg: Config) -> tuple[str, str]:
     return adapter, pairs
 
 
-def load_pairs(path: str, tokenizer, max_length: int, mode: str) -> tuple[list[PairEncoded], list[str], int]:
+def load_pairs(path: str, tokenizer, max_length: int, mode: str, fmt=None) -> tuple[list[PairEncoded], list[str], int]:
     """Encode every pair; returns examples, pair ids and the number truncated.
+
+    ``fmt`` (``looper.data.formats.resolve``) encodes the completions the way SFT does (with
+    the chat template's end-of-turn token in the chat format); None is the template format.
 
     A pair whose chosen and rejected texts are equal teaches nothing (its loss is a constant
     log 2): it is dropped and counted. A repeated ``pair_id`` is an error naming both lines.
@@ -74,7 +78,8 @@ def load_pairs(path: str, tokenizer, max_length: int, mode: str) -> tuple[list[P
         if rec["chosen"] == rec["rejected"]:
             identical += 1
             continue
-        examples.append(encode_pair(tokenizer, rec["prompt"], rec["chosen"], rec["rejected"], max_length, mode, f"{path}:{lineno}: "))
+        examples.append(encode_pair(tokenizer, rec["prompt"], rec["chosen"], rec["rejected"], max_length, mode,
+                                    f"{path}:{lineno}: ", fmt=fmt))
         ids.append(pid)
     if identical and dist.is_main():
         print(f"[dpo] {path}: dropped {identical} pair(s) whose chosen and rejected texts are identical")
@@ -189,9 +194,11 @@ def eval_pairs(model, examples, ref, batch_size: int, pad_id: int, env, beta: fl
 
 def reference_model_id(cfg: Config, model_path: str, device: torch.device) -> str:
     """What makes one adapter a different reference: the base model it is applied to (name,
-    revision, the local config and weight files' sizes and dates) and the compute precision."""
+    revision, the local config and weight files' sizes and dates), the compute precision, and
+    how completions are encoded (the prompt format)."""
     stamp = fingerprint.folder_stamp(model_path)
-    return json.dumps([model_path, cfg.model.revision, str(resolve_dtype(cfg.model.dtype, device)), stamp])
+    return json.dumps([model_path, cfg.model.revision, str(resolve_dtype(cfg.model.dtype, device)), stamp,
+                       cfg.data.prompt_format, cfg.data.system_prompt])
 
 
 # --------------------------------------------------------------------------- the loop
@@ -225,7 +232,9 @@ def train_dpo(cfg: Config) -> TrainResult:
 
     # ---- model, data
     model, tokenizer = build_policy(cfg, env, model_path, adapter=adapter, lora=None)
-    examples, pair_ids, n_truncated = load_pairs(pairs_path, tokenizer, cfg.data.max_length, cfg.data.truncation)
+    examples, pair_ids, n_truncated = load_pairs(
+        pairs_path, tokenizer, cfg.data.max_length, cfg.data.truncation, fmt=formats.resolve(tokenizer, cfg.data),
+    )
     if t.reference == "online":
         # creating the adapter's layers draws random init weights: keep them off the RNG
         # stream, so LoRA dropout in training sees the same masks as with a precomputed reference

@@ -145,6 +145,7 @@ def _make_record(item: dict, samples: list[dict]) -> dict:
     return {
         "question_id": item["question_id"],
         "question": item["question"],
+        "prompt": item["prompt"],
         "gold": item["gold"],
         "completion": text,
         "prediction": prediction,
@@ -166,7 +167,7 @@ def evaluate(cfg: Config) -> dict:
     already written, and refuses other settings, naming each one.
     """
     from looper import dist, fingerprint
-    from looper.data.gsm8k import format_prompt
+    from looper.data import formats
     from looper.generation import check_resumable, generation_meta, run_generation
     from looper.models import ensure_model, load_for_generation
 
@@ -174,8 +175,6 @@ def evaluate(cfg: Config) -> dict:
     adapter_path, adapter_label = resolve_adapter(cfg)  # before anything is touched
     name = eval_name(cfg, adapter_label)
     questions, source = load_eval_questions(cfg)
-    for q in questions:
-        q["prompt"] = format_prompt(q["question"], cfg.data.prompt_template)
 
     env = dist.init_distributed(cfg.run.device)
     out_jsonl = layout.eval_records(name)
@@ -187,7 +186,11 @@ def evaluate(cfg: Config) -> dict:
     )
     check_resumable(out_jsonl, meta, "eval")  # before any work
     check_writable([out_jsonl, layout.eval_summary(name), layout.config(f"eval_{name}")])
-    model, tokenizer = load_for_generation(cfg, adapter_path, env.device)
+    model, tokenizer = load_for_generation(cfg, adapter_path, env.device)  # checks data.prompt_format first
+    fmt = formats.resolve(tokenizer, cfg.data)
+    for q in questions:  # the prompt as sent: its text goes into the record, its tokens to the model
+        q["prompt"] = fmt.prompt(q["question"])
+        q["prompt_ids"] = fmt.prompt_ids(q["prompt"])
     records = run_generation(
         model, tokenizer, questions, cfg.eval.generation, 1, out_jsonl, _make_record,
         progress=cfg.run.progress, device=env.device, meta=meta, desc=f"eval {name}",

@@ -14,7 +14,8 @@ import numpy as np
 
 from looper import dist, fingerprint
 from looper.config import Config, save_config, to_dict
-from looper.data.gsm8k import extract_answer, format_prompt, is_correct, load_questions
+from looper.data import formats
+from looper.data.gsm8k import extract_answer, is_correct, load_questions
 from looper.generation import check_resumable, generation_meta, run_generation
 from looper.io import DataError, check_writable, read_jsonl, write_json_atomic, write_jsonl_atomic
 from looper.layout import RunLayout, holds_run_lock, resolve_adapter
@@ -150,12 +151,14 @@ def collect_rollouts(cfg: Config) -> dict:
         questions = questions[:count]
     if not questions:
         raise DataError(f"rollout dataset {source or 'synthetic'} has no questions from question {first} on")
-    for q in questions:
-        q["prompt"] = format_prompt(q["question"], cfg.data.prompt_template)
     if env.is_main:
         save_config(cfg, layout.config("rollout"))
 
-    model, tokenizer = load_for_generation(cfg, adapter, env.device)
+    model, tokenizer = load_for_generation(cfg, adapter, env.device)  # checks data.prompt_format first
+    fmt = formats.resolve(tokenizer, cfg.data)
+    for q in questions:  # the prompt as sent: its text goes into the record, its tokens to the model
+        q["prompt"] = fmt.prompt(q["question"])
+        q["prompt_ids"] = fmt.prompt_ids(q["prompt"])
     t0 = time.perf_counter()
     records = run_generation(
         model, tokenizer, questions, gen, r.k, out_path,

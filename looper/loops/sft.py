@@ -15,7 +15,7 @@ import torch
 
 from looper import checkpoint, dist, fingerprint
 from looper.config import Config, ConfigError, LoraConfig, TrainConfig, save_config
-from looper.data.gsm8k import format_completion, format_prompt, load_questions
+from looper.data.gsm8k import format_completion, load_questions
 from looper.data.tokenize import Encoded, collate, encode_sft_rows
 from looper.io import DataError, check_writable
 from looper.layout import RunLayout, holds_run_lock, resolve_adapter
@@ -29,17 +29,35 @@ from looper.models import ensure_model
 STAGES = ("sft", "base")
 
 
-def load_sft_rows(cfg: Config) -> list[dict]:
-    """The SFT data as text rows: ``question_id``, ``prompt``, ``completion``."""
+def load_sft_rows(cfg: Config, tokenizer=None) -> list[dict]:
+    """The SFT data as text rows: ``question_id``, ``prompt``, ``completion``, formatted by
+    ``looper.data.formats`` (``data.prompt_format``).
+
+    In the chat format the rows also carry ``messages`` (the conversation before the
+    answer), which marks them as chat rows for ``encode_sft_rows`` and lets it check each
+    against the template; the prompt needs the tokenizer (the base model's, loaded here when
+    not given), so a tokenizer without a chat template is a ``ConfigError`` before any work.
+    """
+    from looper.data import formats
+
+    if cfg.data.prompt_format == "chat" and tokenizer is None:
+        from looper.models import load_tokenizer
+
+        tokenizer = load_tokenizer(ensure_model(cfg), cfg.model)
+    fmt = formats.resolve(tokenizer, cfg.data)
     rows = load_questions(cfg.data.train, "train", cfg.data)
-    return [
-        {
+    out = []
+    for r in rows:
+        row = {
             "question_id": r["question_id"],
-            "prompt": format_prompt(r["question"], cfg.data.prompt_template),
+            "prompt": fmt.prompt(r["question"]),
             "completion": format_completion(r["answer"], cfg.data.strip_calculator),
         }
-        for r in rows
-    ]
+        messages = fmt.messages(r["question"])
+        if messages is not None:
+            row["messages"] = messages
+        out.append(row)
+    return out
 
 
 def load_sft_examples(

@@ -88,14 +88,22 @@ def check_rollout_record(rec: Any, where: str) -> None:
             raise DataError(f"{at}: 'reward' must be a finite number, got {t['reward']!r}")
 
 
-def record_prompt(rec: dict, prompt_template: str = ABEL_PROMPT) -> str:
+def record_prompt(rec: dict, prompt_template: str = ABEL_PROMPT, prompt_format: str = "template") -> str:
     """The prompt of a rollout record: ``rec["prompt"]`` if present, else the template.
 
-    The template is filled like ``looper.data.gsm8k.format_prompt``: ``{question}`` is
-    replaced by the stripped question (other braces are left alone).
+    The stored prompt is the one the rollout sent, in either prompt format. Without one the
+    template is filled like ``looper.data.gsm8k.format_prompt``: ``{question}`` is replaced
+    by the stripped question (other braces are left alone). A chat prompt is rendered by the
+    tokenizer's chat template, which this torch-free module has not got: with
+    ``prompt_format="chat"`` a record without its prompt is a ``DataError``.
     """
     if isinstance(rec.get("prompt"), str):
         return rec["prompt"]
+    if prompt_format == "chat":
+        raise DataError(
+            f"rollout record {rec.get('question_id')!r} has no stored 'prompt'; with data.prompt_format: chat "
+            "the prompt is rendered by the tokenizer at rollout time and must be in the record (rerun the rollout)"
+        )
     if "{question}" not in prompt_template:
         raise ConfigError("data.prompt_template must contain the placeholder '{question}'")
     return prompt_template.replace("{question}", rec["question"].strip())
