@@ -337,3 +337,40 @@ def _run_torchrun_fixture():
 @pytest.fixture(name="run_python")
 def _run_python_fixture():
     return run_python
+
+
+# --------------------------------------------------------------------------- generation fixtures
+# (test_engine.py, test_generation.py)
+
+GQA_SHAPE = dict(  # 4 query heads sharing 2 kv heads: exercises the grouped attention path
+    hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, vocab_size=300, corpus_size=300
+)
+
+
+@pytest.fixture(scope="module")
+def gqa_model_dir(tmp_path_factory) -> Path:
+    from looper.config import TinyModelConfig
+    from looper.models import build_tiny_model
+
+    out = tmp_path_factory.mktemp("gqa") / "model"
+    build_tiny_model(str(out), TinyModelConfig(**GQA_SHAPE))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_tok(gqa_model_dir):
+    from looper.models import load_base_model, load_tokenizer
+
+    return load_base_model(str(gqa_model_dir)).eval(), load_tokenizer(str(gqa_model_dir))
+
+
+@pytest.fixture(scope="module")
+def items():
+    from looper.data.gsm8k import format_prompt, load_questions
+
+    qs = load_questions(None, "test")[:12]
+    # prompts of different lengths, so left padding and length sorting matter
+    return [
+        {"question_id": q["question_id"], "prompt": format_prompt(q["question"][: 30 + 25 * (i % 4)])}
+        for i, q in enumerate(qs)
+    ]

@@ -1,266 +1,19 @@
-"""The batched generation engine: parity with HF generate, determinism, resume, ranks."""
+"""looper.generation: sharded, resumable generation runs (resume after a crash, corruption,
+changed settings, bad items, 1 rank vs 2 ranks, merged adapters)."""
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-from looper.config import GenerationConfig, TinyModelConfig
-from looper.engine import generate, pick_tokens, plan_batches, sample_seed
+from looper.config import GenerationConfig
 from looper.generation import run_generation
 from looper.io import DataError
-
-GQA_SHAPE = dict(  # 4 query heads sharing 2 kv heads: exercises the grouped attention path
-    hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, vocab_size=300, corpus_size=300
-)
-
-
-@pytest.fixture(scope="module")
-def gqa_model_dir(tmp_path_factory) -> Path:
-    from looper.models import build_tiny_model
-
-    out = tmp_path_factory.mktemp("gqa") / "model"
-    build_tiny_model(str(out), TinyModelConfig(**GQA_SHAPE))
-    return out
-
-
-@pytest.fixture(scope="module")
-def model_tok(gqa_model_dir):
-    from looper.models import load_base_model, load_tokenizer
-
-    return load_base_model(str(gqa_model_dir)).eval(), load_tokenizer(str(gqa_model_dir))
-
-
-@pytest.fixture(scope="module")
-def items():
-    from looper.data.gsm8k import format_prompt, load_questions
-
-    qs = load_questions(None, "test")[:12]
-    # prompts of different lengths, so left padding and length sorting matter
-    return [
-        {"question_id": q["question_id"], "prompt": format_prompt(q["question"][: 30 + 25 * (i % 4)])}
-        for i, q in enumerate(qs)
-    ]
-
-
-def _hf_greedy(model, tok, prompt: str, max_new: int) -> list[int]:
-    from looper.data.tokenize import encode_prompt
-
-    ids = torch.tensor([encode_prompt(tok, prompt)])
-    out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new,
-        pad_token_id=tok.pad_token_id,
-    )
-    return out[0, ids.shape[1]:].tolist()
-
-
-def _with_eos(sample: dict, eos: int) -> list[int]:
-    return sample["token_ids"] + ([eos] if sample["finished"] else [])
-
-
-def _texts(results) -> list[list[str]]:
-    return [[s["text"] for s in samples] for _, samples in results]
-
-
-# --------------------------------------------------------------------------- engine
-
-
-def test_greedy_matches_hf_generate(model_tok, items):
-    model, tok = model_tok
-    cfg = GenerationConfig(max_new_tokens=24, temperature=0.0, batch_size=8)
-    results = generate(model, tok, items[:6], cfg)
-    for item, samples in results:
-        assert len(samples) == 1
-        assert _with_eos(samples[0], tok.eos_token_id) == _hf_greedy(model, tok, item["prompt"], 24)
-        assert samples[0]["num_tokens"] == len(samples[0]["token_ids"])
-
-
-def test_eos_stops_rows_and_matches_hf(model_tok, items):
-    """With a frequent token as EOS, rows stop at different steps and are dropped from the batch."""
-    model, tok = model_tok
-    cfg = GenerationConfig(max_new_tokens=24, temperature=0.0, batch_size=8)
-    first = generate(model, tok, items[:8], cfg)
-    counts: dict[int, int] = {}
-    for _, s in first:
-        for t in s[0]["token_ids"][:6]:
-            counts[t] = counts.get(t, 0) + 1
-    eos = max(counts, key=counts.get)
-    old = model.generation_config.eos_token_id
-    model.generation_config.eos_token_id = eos
-    try:
-        results = generate(model, tok, items[:8], cfg)
-        finished = [s[0]["finished"] for _, s in results]
-        assert any(finished)
-        for item, samples in results:
-            s = samples[0]
-            assert eos not in s["token_ids"]
-            assert s["num_tokens"] == len(s["token_ids"]) <= 24
-            assert s["finished"] == (s["num_tokens"] < 24)
-            assert _with_eos(s, eos) == _hf_greedy(model, tok, item["prompt"], 24)
-    finally:
-        model.generation_config.eos_token_id = old
-
-
-def test_sampling_is_seeded_and_batch_invariant(model_tok, items):
-    model, tok = model_tok
-    base = dict(max_new_tokens=20, temperature=1.0, top_p=0.9)
-    a = generate(model, tok, items, GenerationConfig(**base, batch_size=64, seed=3), num_samples=4)
-    b = generate(model, tok, items, GenerationConfig(**base, batch_size=64, seed=3), num_samples=4)
-    c = generate(model, tok, items, GenerationConfig(**base, batch_size=4, seed=3), num_samples=4)
-    d = generate(model, tok, items[::-1], GenerationConfig(**base, batch_size=1, seed=3), num_samples=4)
-    e = generate(model, tok, items, GenerationConfig(**base, batch_size=64, seed=4), num_samples=4)
-    assert _texts(a) == _texts(b) == _texts(c) == _texts(d)[::-1]
-    assert _texts(a) != _texts(e)
-    assert [it["question_id"] for it, _ in a] == [it["question_id"] for it in items]  # input order kept
-    # the samples of one question differ from each other
-    assert len(set(_texts(a)[0])) > 1
-    # sample j does not depend on how many samples are drawn
-    two = generate(model, tok, items, GenerationConfig(**base, batch_size=64, seed=3), num_samples=2)
-    assert [t[:2] for t in _texts(a)] == _texts(two)
-
-
-def test_greedy_samples_are_copies(model_tok, items):
-    model, tok = model_tok
-    res = generate(model, tok, items[:3], GenerationConfig(max_new_tokens=10, temperature=0.0), num_samples=3)
-    for _, samples in res:
-        assert len(samples) == 3 and len({s["text"] for s in samples}) == 1
-
-
-def test_ignore_eos_generates_max_new_tokens(model_tok, items):
-    model, tok = model_tok
-    old = model.generation_config.eos_token_id
-    cfg = GenerationConfig(max_new_tokens=12, temperature=1.0, batch_size=16)
-    first = generate(model, tok, items[:4], cfg, num_samples=2)
-    model.generation_config.eos_token_id = first[0][1][0]["token_ids"][0]  # guaranteed early EOS
-    try:
-        res = generate(model, tok, items[:4], cfg, num_samples=2, ignore_eos=True)
-    finally:
-        model.generation_config.eos_token_id = old
-    assert all(s["num_tokens"] == 12 and not s["finished"] for _, ss in res for s in ss)
-
-
-def test_dropping_finished_rows_changes_nothing(model_tok, items, monkeypatch):
-    """Sampling with early EOS: compacting the batch (rows and whole questions) keeps every sample."""
-    import looper.engine as gen
-
-    model, tok = model_tok
-    cfg = GenerationConfig(max_new_tokens=20, temperature=1.0, batch_size=64, seed=5)
-    probe = generate(model, tok, items, cfg, num_samples=3)
-    counts: dict[int, int] = {}
-    for _, ss in probe:
-        for s in ss:
-            for t in s["token_ids"][:8]:
-                counts[t] = counts.get(t, 0) + 1
-    old = model.generation_config.eos_token_id
-    model.generation_config.eos_token_id = max(counts, key=counts.get)
-    try:
-        dropped = generate(model, tok, items, cfg, num_samples=3)
-        monkeypatch.setattr(gen, "DROP_FINISHED_AT", 2.0)  # never compact
-        kept = generate(model, tok, items, cfg, num_samples=3)
-    finally:
-        model.generation_config.eos_token_id = old
-    lengths = [s["num_tokens"] for _, ss in dropped for s in ss]
-    assert min(lengths) < 10 and max(lengths) == 20  # rows finished at different steps
-    assert [[(s["token_ids"], s["finished"]) for s in ss] for _, ss in dropped] == \
-        [[(s["token_ids"], s["finished"]) for s in ss] for _, ss in kept]
-
-
-def test_prefix_attention_matches_sdpa_after_rows_are_dropped():
-    """The split attention (shared prompt part + per-row part) equals plain SDPA on concatenated keys."""
-    from looper.engine import PrefixCache, _DecodeState, _prefix_attention
-
-    torch.manual_seed(0)
-    n_q, s, kv, group, d, lp, g = 3, 4, 2, 2, 8, 7, 5
-    rows = n_q * s
-    cache = PrefixCache(1, rows, 10)
-    cache.update(torch.randn(n_q, kv, lp, d), torch.randn(n_q, kv, lp, d), 0)  # prefill: prompt part
-    for _ in range(g):
-        cache.update(torch.randn(rows, kv, 1, d), torch.randn(rows, kv, 1, d), 0)
-    pad = torch.tensor([0, 3, 1])  # left padding per question
-    valid = torch.arange(lp)[None] >= pad[:, None]
-    bias = torch.zeros(n_q, 1, 1, lp).masked_fill(~valid[:, None, None], float("-inf"))
-    state = _DecodeState(cache, s, torch.arange(rows), bias)
-    keep = torch.tensor([1, 2, 8, 10])  # question 1 loses every row: the prompt part shrinks too
-    state.drop_rows(keep)
-    layer = cache.layers[0]
-    assert layer.prompt_k.shape[0] == 2 and not state.full
-    q = torch.randn(len(keep), kv * group, 1, d)
-
-    class Module:
-        layer_idx = 0
-
-    out, _ = _prefix_attention(Module, q, layer.keys[:, :, :g], layer.values[:, :, :g], None,
-                               scaling=d**-0.5, looper_state=state)
-    question = keep // s  # original question of each kept row
-    qidx = torch.div(state.slot, s, rounding_mode="floor")  # its index in the shrunk prompt part
-    assert qidx.tolist() == [0, 0, 1, 1]
-    keys = torch.cat([layer.prompt_k[qidx], layer.keys[:, :, :g]], dim=2).repeat_interleave(group, dim=1)
-    values = torch.cat([layer.prompt_v[qidx], layer.values[:, :, :g]], dim=2).repeat_interleave(group, dim=1)
-    mask = torch.cat([valid[question], torch.ones(len(keep), g, dtype=torch.bool)], dim=1)[:, None, None]
-    ref = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=d**-0.5)
-    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-6)
-
-
-def test_out_of_memory_halves_the_batch(model_tok, items, monkeypatch, caplog):
-    import looper.engine as gen
-
-    model, tok = model_tok
-    cfg = GenerationConfig(max_new_tokens=8, temperature=1.0, batch_size=64)
-    ref = generate(model, tok, items[:8], cfg, num_samples=2)
-    real, sizes = gen._decode, []
-
-    def flaky(model_, job, *args, **kwargs):
-        sizes.append(len(job.prompts))
-        if len(job.prompts) > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(model_, job, *args, **kwargs)
-
-    monkeypatch.setattr(gen, "_decode", flaky)
-    with caplog.at_level("WARNING", logger="looper.engine"):
-        out = generate(model, tok, items[:8], cfg, num_samples=2)
-    assert sizes == [8, 4, 2, 2, 2, 2]
-    assert "out of memory" in caplog.text
-    assert [s for _, s in out] == [s for _, s in ref]
-
-
-def test_pick_tokens_top_p_and_greedy():
-    probs = torch.tensor([[0.5, 0.3, 0.2]])
-    logits = probs.log()
-    assert pick_tokens(logits, 0.0, 1.0, None).tolist() == [0]
-    # top_p=0.6 keeps {0, 1} (0.5 < 0.6, 0.5 + 0.3 >= 0.6), renormalized to [0.625, 0.375]
-    picks = {pick_tokens(logits, 1.0, 0.6, torch.tensor([u])).item() for u in torch.linspace(0, 0.999, 200)}
-    assert picks == {0, 1}
-    assert pick_tokens(logits, 1.0, 0.6, torch.tensor([0.6])).item() == 0
-    assert pick_tokens(logits, 1.0, 0.6, torch.tensor([0.64])).item() == 1
-    # no top-p: inverse CDF over [0.5, 0.8, 1.0]
-    assert [pick_tokens(logits, 1.0, 1.0, torch.tensor([u])).item() for u in (0.1, 0.6, 0.9, 0.9999999)] == [0, 1, 2, 2]
-    # a zero-probability token is never picked, even at u -> 1
-    masked = torch.tensor([[0.0, float("-inf"), 0.0, float("-inf")]])
-    assert pick_tokens(masked, 1.0, 1.0, torch.tensor([0.99999994])).item() == 2
-
-
-def test_sample_seed_is_stable():
-    assert sample_seed(0, "q1", 0) == sample_seed(0, "q1", 0)
-    assert len({sample_seed(0, "q1", 0), sample_seed(1, "q1", 0), sample_seed(0, "q2", 0), sample_seed(0, "q1", 1)}) == 4
-    assert sample_seed(0, "q1", 0) == 0x3CC0E14954798119  # SHA-256 based: the same in every process
-
-
-def test_plan_batches_bounds():
-    lens = [5, 40, 12, 40, 7, 33, 20, 9]
-    cfg = GenerationConfig(max_new_tokens=10, batch_size=8, max_batch_tokens=200)
-    batches = plan_batches(lens, 2, cfg)
-    assert sorted(i for b in batches for i in b) == list(range(len(lens)))
-    flat = [i for b in batches for i in b]
-    assert flat == sorted(range(len(lens)), key=lambda i: (-lens[i], i))  # longest first, stable
-    for b in batches:
-        rows = 2 * len(b)
-        assert rows <= 8
-        assert len(b) == 1 or rows * (max(lens[i] for i in b) + 10) <= 200
-
+from generation_helpers import _hf_greedy, _texts, _with_eos
+from looper.engine import generate
 
 # --------------------------------------------------------------------------- files
 
@@ -271,6 +24,7 @@ def _record(item, samples):
 
 
 SAMPLING = GenerationConfig(max_new_tokens=16, temperature=1.0, top_p=0.95, batch_size=4, seed=7)
+
 
 
 def test_run_generation_resume_after_crash(model_tok, items, tmp_path):
