@@ -33,6 +33,13 @@ as little of it as it can.
   left leave the prompt part); greedy decoding runs one row per prompt and copies it to
   every sample.
 
+What it serves: any model whose attention goes through transformers' attention interface
+as plain softmax attention over the context. ``check_supported(model, total_len)`` runs
+before any batch (in the planning step of ``generate`` and ``run_generation``) and raises
+``UnsupportedModelError`` for what it cannot give exactly: attention sinks, attention-logit
+softcapping, chunked or linear-attention layers, a sliding window shorter than the longest
+prompt + ``max_new_tokens``.
+
 How it is reproducible:
 
 - sampling noise comes from one ``torch.Generator`` per (question, sample), seeded by a
@@ -62,7 +69,15 @@ log = logging.getLogger(__name__)
 
 Sample = dict  # {"text", "token_ids", "num_tokens", "finished"}
 
-__all__ = ["generate", "plan_batches", "sample_seed", "pick_tokens", "PrefixCache", "Sample"]
+
+class UnsupportedModelError(ConfigError, NotImplementedError):
+    """The engine cannot serve this model (or this run length): raised before any decoding.
+
+    A ``ConfigError`` (the CLI prints it as a clean error) and a ``NotImplementedError``."""
+
+
+__all__ = ["generate", "check_supported", "UnsupportedModelError", "plan_batches", "sample_seed", "pick_tokens",
+           "PrefixCache", "Sample"]
 
 
 # --------------------------------------------------------------------------- seeds
@@ -219,7 +234,7 @@ def _prefix_attention(module, query, key, value, attention_mask, scaling=None, d
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     for unsupported in ("softcap", "s_aux", "sinks"):
         if kwargs.get(unsupported) is not None:
-            raise NotImplementedError(f"looper generation: attention with {unsupported!r} is not supported")
+            raise UnsupportedModelError(f"looper generation: attention with {unsupported!r} is not supported")
     layer = state.cache.layers[module.layer_idx]
     rows, n_heads, _, dim = query.shape
     kv_heads = key.shape[1]
@@ -375,12 +390,56 @@ def _prefill_inputs(prompts: list[list[int]], pad_id: int):
     return ids, mask, positions, mask4[:, None]
 
 
-def _check_window(model, total_len: int) -> None:
-    window = getattr(model.config.get_text_config(), "sliding_window", None)
-    if window is not None and total_len > window:
-        raise NotImplementedError(
-            f"looper generation attends to the full context; prompt + max_new_tokens = {total_len} exceeds this "
-            f"model's sliding_window={window}"
+_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
+def check_supported(model, total_len: Optional[int] = None) -> None:
+    """Raise ``UnsupportedModelError`` when the engine cannot give this model's own outputs.
+
+    The decode attention (``_prefix_attention``) is plain softmax attention over the whole
+    context through transformers' attention interface, so it refuses, naming each reason:
+
+    - a model that does not route attention through that interface
+      (``_supports_attention_backend`` false, e.g. some ``trust_remote_code`` models);
+    - attention-logit softcapping (``attn_logit_softcapping``, Gemma 2);
+    - attention sinks (a ``sinks`` parameter on the attention modules, gpt-oss);
+    - layer types other than full and sliding-window attention (chunked, linear, recurrent);
+    - a sliding window shorter than ``total_len`` (longest prompt + ``max_new_tokens``) on
+      any layer that uses it: inside the window, sliding attention is full attention.
+
+    ``total_len=None`` checks only what does not depend on the run's length.
+    """
+    from looper.models import unwrap_model
+
+    hf = unwrap_model(model)  # the engine gets a merged model; a PeftModel is looked into
+    config = hf.config
+    text = config.get_text_config()
+    what = f"{type(hf).__name__} (model_type {getattr(text, 'model_type', None) or config.model_type!r})"
+    problems = []
+    if not getattr(hf, "_supports_attention_backend", False):
+        problems.append("it does not route attention through transformers' attention interface "
+                        "(_supports_attention_backend is not set), so the decode attention cannot be switched in")
+    softcap = getattr(text, "attn_logit_softcapping", None)
+    if softcap is not None:
+        problems.append(f"attention-logit softcapping (attn_logit_softcapping={softcap})")
+    if any(name.rsplit(".", 1)[-1] == "sinks" for name, _ in hf.named_parameters()):
+        problems.append("attention sinks (a 'sinks' parameter in its attention layers)")
+    layer_types = getattr(text, "layer_types", None)
+    other = sorted(set(layer_types or ()) - _ATTENTION_LAYER_TYPES)
+    if other:
+        problems.append(f"layer types {other} (only full_attention and sliding_attention are supported)")
+    if getattr(text, "attention_chunk_size", None) is not None and not layer_types:
+        problems.append(f"chunked attention (attention_chunk_size={text.attention_chunk_size})")
+    window = getattr(text, "sliding_window", None)
+    windowed = window is not None and (layer_types is None or "sliding_attention" in layer_types)
+    if windowed and total_len is not None and total_len > window:
+        problems.append(
+            f"prompt + max_new_tokens = {total_len} tokens exceeds its sliding_window={window} "
+            "(the engine attends to the full context; lower generation.max_new_tokens or the prompt length)"
+        )
+    if problems:
+        raise UnsupportedModelError(
+            f"looper generation cannot serve {what}: " + "; ".join(problems)
         )
 
 
@@ -395,7 +454,6 @@ def _decode(
     expand = 1 if greedy else n_samples  # greedy: one row per prompt, copied afterwards
     rows, max_new = n_prompts * expand, gen_cfg.max_new_tokens
     ids, key_mask, positions, mask4 = _prefill_inputs(job.prompts, pad_id)
-    _check_window(model, ids.shape[1] + max_new)
     n_layers = model.config.get_text_config().num_hidden_layers
     cache = PrefixCache(n_layers, rows, max_new)
     with _use_prefix_attention(model):
@@ -554,6 +612,8 @@ def _check_items(items: Sequence[dict], where: str) -> None:
 def _prepare(engine: _Engine, items: Sequence[dict], where: str) -> tuple[list[list[int]], list[list[int]]]:
     _check_items(items, where)
     prompts = [engine.prompt_ids(it, where) for it in items]
+    if prompts:  # before any batch runs: the longest prompt bounds every batch's length
+        check_supported(engine.model, max(len(p) for p in prompts) + engine.gen_cfg.max_new_tokens)
     rows = 1 if engine.gen_cfg.temperature <= 0 else engine.num_samples
     return prompts, plan_batches([len(p) for p in prompts], rows, engine.gen_cfg)
 

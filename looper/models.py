@@ -175,17 +175,68 @@ def load_for_generation(cfg: Config, adapter_path: Optional[str], device: torch.
     return model, tokenizer
 
 
+def unwrap_model(model):
+    """The transformers model inside PEFT wrappers (PeftModel -> LoraModel -> *ForCausalLM).
+
+    Works by type, not by name, so a wrapper that FSDP2 renamed (``FSDPPeftModelForCausalLM``)
+    unwraps too; anything that is not a PEFT wrapper comes back unchanged.
+    """
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    for _ in range(8):  # PeftModel -> tuner -> model: two steps in practice
+        if isinstance(model, PeftModel):
+            model = model.base_model
+        elif isinstance(model, BaseTuner):
+            model = model.model
+        else:
+            break
+    return model
+
+
+def _class_named(module, names: set) -> bool:
+    # the class or a base class: FSDP2 gives a sharded module a subclass (FSDPLlamaDecoderLayer)
+    return any(c.__name__ in names for c in type(module).__mro__)
+
+
 def decoder_layers(model) -> list:
-    """The decoder blocks of a (possibly PEFT-wrapped) causal LM, for sharding and checkpointing."""
-    inner = model
-    for attr in ("base_model", "model"):  # PeftModel -> LoraModel -> *ForCausalLM
-        if inner.__class__.__name__.startswith("Peft") or inner.__class__.__name__ == "LoraModel":
-            inner = getattr(inner, attr, inner)
-    if hasattr(inner, "model") and hasattr(inner.model, "layers"):
-        return list(inner.model.layers)
-    if hasattr(inner, "model") and hasattr(inner.model, "model") and hasattr(inner.model.model, "layers"):
-        return list(inner.model.model.layers)
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+    """The decoder blocks of a (possibly PEFT-wrapped) causal LM, in order, for FSDP per-layer
+    wrapping (``looper.dist.shard_model``) and activation checkpointing.
+
+    Found structurally, not by attribute paths: the outermost modules whose class is in the
+    model's ``_no_split_modules`` (the blocks transformers itself keeps whole for FSDP-style
+    wrapping and device maps; ``post_init`` gathers the names of every sub-model); failing
+    that, the ``nn.ModuleList`` of ``num_hidden_layers`` same-class blocks under the inner
+    model. Raises ``ValueError`` when neither finds anything.
+    """
+    inner = unwrap_model(model)
+    names = {n for n in (getattr(inner, "_no_split_modules", None) or ()) if isinstance(n, str)}
+    if names:
+        found, inside = [], []
+        for name, module in inner.named_modules():
+            if module is inner or any(name.startswith(p) for p in inside):
+                continue  # the root, or a block nested in one already taken
+            if _class_named(module, names):
+                found.append(module)
+                inside.append(name + ".")
+        if found:
+            return found
+    base = getattr(inner, "base_model", inner)  # transformers: the inner *Model under *ForCausalLM
+    config = getattr(inner, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_layers = getattr(text, "num_hidden_layers", None)
+    lists = [
+        m for m in base.modules()
+        if isinstance(m, torch.nn.ModuleList) and len(m) > 0 and len({type(x) for x in m}) == 1
+        and (n_layers is None or len(m) == n_layers)
+    ]
+    if lists:
+        return list(max(lists, key=len))  # the first of the longest
+    raise ValueError(
+        f"cannot find the decoder layers of {type(model).__name__}: no module of its _no_split_modules "
+        f"({sorted(names) or 'none'}) and no nn.ModuleList of {n_layers or 'identical'} blocks under "
+        f"{type(base).__name__}"
+    )
 
 
 # --------------------------------------------------------------------------- tiny model
