@@ -54,7 +54,10 @@ def build_policy(cfg: Config, env: dist.DistEnv, path: str, adapter: Optional[st
 
 def shard(model, env: dist.DistEnv, activation_checkpointing: bool):
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     model.to(env.device)
