@@ -38,6 +38,10 @@ ROLLOUT = [
     f"rollout.generation.max_new_tokens={MAX_NEW}",
     "rollout.generation.temperature=1.0",
     "rollout.generation.seed=3",
+    # the design's defaults (the embedded tiny config scores per trajectory): these tests
+    # derive the question-scope formula by hand
+    "regime_w.scope=question",
+    "regime_w.free_tokens=512",
     # 2 questions (12 rows) per batch: 6 batches, so 2 ranks share the work and a killed
     # run has finished some batches and not others
     f"rollout.generation.batch_size={2 * K}",
