@@ -2,7 +2,7 @@
 
 The baseline samples one question at a time with
 ``model.generate(do_sample=True, num_return_sequences=K)``; the engine samples all
-questions with ``looper.generation.generate``. Both generate exactly ``--new-tokens``
+questions with ``looper.engine.generate``. Both generate exactly ``--new-tokens``
 tokens per sample (EOS ignored: the benchmark model is untrained), so the token counts
 match and tokens/s compare fairly.
 
@@ -32,7 +32,7 @@ from common import BENCH_TINY, data_source, ensure_model, peak_memory, set_threa
 from looper.config import ABEL_PROMPT, GenerationConfig  # noqa: E402
 from looper.data.gsm8k import format_prompt, load_questions  # noqa: E402
 from looper.data.tokenize import encode_prompt  # noqa: E402
-from looper.generation import generate  # noqa: E402
+from looper.engine import generate  # noqa: E402
 from looper.dist import pick_device  # noqa: E402
 from looper.models import load_base_model, load_tokenizer  # noqa: E402
 
@@ -73,7 +73,7 @@ def run_baseline(model, tok, prompts: list[list[int]], args, device) -> tuple[in
 
 
 def run_engine(model, tok, items: list[dict], args, device) -> tuple[int, float]:
-    """All questions through ``looper.generation.generate``; returns (generated tokens, seconds)."""
+    """All questions through ``looper.engine.generate``; returns (generated tokens, seconds)."""
     cfg = GenerationConfig(
         max_new_tokens=args.new_tokens, temperature=args.temperature, top_p=args.top_p,
         batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, seed=0,
