@@ -4,8 +4,10 @@
   ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``), or a single process of world size 1. gloo
   on CPU, nccl on GPU. The single process also gets a (size-1) group, so one code path --
   FSDP2 included -- serves a laptop and 8xH100.
-- ``shard_model``: FSDP2 ``fully_shard`` on each decoder layer, then on the root; bf16
-  parameters with fp32 reductions on GPU, fp32 on CPU.
+- ``shard_model``: FSDP2 ``fully_shard`` on each decoder layer, then on the root, with a
+  mixed-precision policy that follows the compute dtype (``model.dtype``), not the device:
+  bf16 compute gathers parameters in bf16 and reduces gradients in fp32 on CPU and GPU
+  alike; fp32 compute casts nothing.
 - ``no_sync``: switch gradient reduction off for all but the last accumulation micro-step.
 - Reductions, a barrier, global-norm clipping, and full state dicts gathered on rank 0.
 """
@@ -16,7 +18,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -93,21 +95,44 @@ def destroy() -> None:
 # --------------------------------------------------------------------------- sharding
 
 
-def shard_model(model: torch.nn.Module, layers: Iterable[torch.nn.Module], device: torch.device):
+def mixed_precision(compute_dtype: torch.dtype):
+    """FSDP2's policy for a compute dtype: half precision (bf16, fp16) gathers parameters in
+    it and reduces gradients in fp32; fp32 (or wider) casts nothing. Same on every device."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if compute_dtype in (torch.bfloat16, torch.float16):
+        return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def shard_model(
+    model: torch.nn.Module, layers: Iterable[torch.nn.Module], device: torch.device,
+    compute_dtype: Optional[torch.dtype] = None,
+):
     """FSDP2: ``fully_shard`` every decoder layer, then the root module.
 
-    On GPU, parameters are gathered in bf16 and gradients reduced in fp32; the sharded
-    master copies keep their stored dtype. On CPU everything stays fp32.
+    ``compute_dtype`` (``looper.models.resolve_dtype(cfg.model.dtype, device)``) picks the
+    policy (``mixed_precision``): bf16 gathers parameters in bf16 for the forward and
+    backward and reduces gradients in fp32, on CPU as on GPU; the sharded master copies
+    keep their stored dtype (fp32 trainable weights stay fp32 for the optimizer). fp32
+    casts nothing. ``None`` keeps the old device default: bf16 on GPU, fp32 on CPU.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    if device.type == "cuda":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    else:
-        mp = MixedPrecisionPolicy()
+    if compute_dtype is None:
+        compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    mp = mixed_precision(compute_dtype)
     for layer in layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    # FSDP2 fixes each group's gradient dtypes (orig/reduce dtype, from the parameters that
+    # require grad) at its lazy init, normally the first forward. Do it now, while the
+    # trainable set is the training one: DPO's online reference runs the first forward with
+    # every parameter frozen, which would leave the dtypes unset, and bf16 gradients would
+    # then be reduced in bf16 and refused by the fp32 masters.
+    state = model._get_fsdp_state() if hasattr(model, "_get_fsdp_state") else None
+    if state is not None and hasattr(state, "_lazy_init"):
+        state._lazy_init()
     return model
 
 

@@ -605,3 +605,85 @@ def test_a_non_utf8_pair_file_names_the_line(dpo_cfg, assets, tmp_path):
     with pytest.raises(DataError, match=rf"{pairs}:2: not UTF-8"):
         train_dpo(cfg)
     assert_nothing_written(cfg)
+
+
+# --------------------------------------------------------------------------- bf16 on CPU
+
+BF16_TOL = 2e-2  # relative: bf16 keeps 8 mantissa bits (~4e-3 per rounding)
+VOLATILE_BF16 = ("tokens_per_s", "rewards/accuracies")
+
+_FP32_MASTERS_HOOK = """
+import torch
+from looper.loops import common
+_real_step = common.TrainLoop.optimizer_step
+def _checked_step(self, *a, **kw):  # the optimizer steps fp32 masters with fp32 grads
+    for p in self.params:
+        local = p.to_local() if hasattr(p, "to_local") else p
+        grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        assert local.dtype == torch.float32 and grad.dtype == torch.float32, (local.dtype, grad.dtype)
+    return _real_step(self, *a, **kw)
+common.TrainLoop.optimizer_step = _checked_step
+"""
+
+
+@pytest.mark.slow
+def test_bf16_dpo_on_cpu_two_ranks_match_one_rank(dpo_overrides, dpo_cfg, assets, tmp_path, monkeypatch):
+    """model.dtype=bfloat16 on CPU: FSDP2 computes in bf16 (as on GPU), the LoRA masters and
+    their gradients stay fp32, the logged losses are fp32 values, and 2 ranks match 1."""
+    from looper.loops import common
+
+    kw = dict(dpo__max_steps=4, dpo__lr=3e-3, dpo__warmup_steps=1, dpo__val_size=4, dpo__eval_every=2, dpo__batch_size=2)
+    two = dpo_overrides(tmp_path / "w2", "model.dtype=bfloat16", dpo__grad_accum=1, **kw)
+    two_online = dpo_overrides(tmp_path / "w2_online", "model.dtype=bfloat16", dpo__grad_accum=1,
+                               dpo__reference="online", **kw)
+    run_torchrun(
+        _FP32_MASTERS_HOOK + f"""
+from looper.config import load_config
+from looper.loops.dpo import train_dpo
+for overrides in {json.dumps([two, two_online])}:
+    train_dpo(load_config(None, overrides))
+""",
+        workdir=tmp_path,
+    )
+    real_step = common.TrainLoop.optimizer_step
+    checked = []
+
+    def checked_step(self, *a, **k):
+        for p in self.params:
+            local = p.to_local() if hasattr(p, "to_local") else p
+            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            assert local.dtype == torch.float32 and grad.dtype == torch.float32
+        checked.append(1)
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(common.TrainLoop, "optimizer_step", checked_step)
+    cfg1 = dpo_cfg(tmp_path / "w1", "model.dtype=bfloat16", dpo__grad_accum=2, **kw)
+    out1 = train_dpo(cfg1).output_dir
+    assert len(checked) == 4
+    cfg2 = dpo_cfg(tmp_path / "w2", "model.dtype=bfloat16", dpo__grad_accum=1, **kw)
+    m1, m2 = metrics(cfg1), metrics(cfg2)
+    assert len(m1) == 4 and all("eval/loss" in r for r in m1[1::2])
+    assert [r["tokens"] for r in m1] == [r["tokens"] for r in m2]
+    losses = [r["loss"] for r in m1]
+    assert all(math.isfinite(v) for v in losses)
+    # the policy starts as the reference: ln 2 up to bf16 rounding of the two passes' logits
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-2)
+    # 4 steps of different pairs need not lower the loss; the policy must move, and 2 ranks match 1
+    assert any(abs(r["rewards/margins"]) > 1e-3 for r in m1[1:]), m1
+    # rewards/accuracies counts margins > 0: at step 1 every margin is bf16 rounding noise around
+    # 0 (policy == reference, computed in differently shaped batches), so its sign is not compared
+    assert_metrics_close(m1, m2, rel=BF16_TOL, abs_=2e-3, volatile=VOLATILE_BF16)
+    # the bf16 reference log-probs (stored fp32) agree between the sharded and single passes
+    (c1,), (c2,) = cache_files(cfg1), cache_files(cfg2)
+    assert Path(c1).name == Path(c2).name
+    ref1 = load_file(c1)["logps"]
+    assert ref1.dtype in (torch.float32, torch.float64)
+    torch.testing.assert_close(ref1, load_file(c2)["logps"], rtol=BF16_TOL, atol=0.1)
+    a1, a2 = adapter_tensors(out1), adapter_tensors(out_dir(cfg2))
+    assert all(v.dtype == torch.float32 for v in (*a1.values(), *a2.values())), "adapters are saved in fp32"
+    assert_tensors_close(a1, a2, rel=5e-2, what="bf16 dpo adapter")
+    start = adapter_tensors(assets.adapter)
+    assert max((a1[k] - start[k]).abs().max().item() for k in start) > 1e-4, "the adapter did not train"
+    cfg2o = dpo_cfg(tmp_path / "w2_online", "model.dtype=bfloat16", dpo__grad_accum=1, dpo__reference="online", **kw)
+    assert_metrics_close(m1, metrics(cfg2o), rel=BF16_TOL, abs_=2e-3, volatile=VOLATILE_BF16)
+    assert all(v.dtype == torch.float32 for v in adapter_tensors(out_dir(cfg2o)).values())

@@ -652,3 +652,155 @@ def test_an_unwritable_output_folder_fails_before_any_training(micro_cfg, micro_
     assert main(["sft", *micro_overrides(out)]) == 2
     assert str(out) in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"] and blocker.read_text() == "not a folder"
+
+
+# --------------------------------------------------------------------------- bf16 on CPU
+# model.dtype=bfloat16 takes the GPU path on any device: FSDP2 gathers parameters in bf16
+# and reduces gradients in fp32 (looper.dist.mixed_precision); LoRA keeps fp32 trainable
+# masters over a bf16 frozen base, full fine-tuning keeps fp32 masters; losses are fp32.
+
+BF16_TOL = 2e-2  # relative: bf16 keeps 8 mantissa bits (~4e-3 per rounding)
+
+
+def _linear_weight_dtypes(model) -> tuple[dict, list]:
+    """Forward pre-hooks on every nn.Linear that record the dtype its weight has when it
+    computes (inside FSDP2's unshard: the gathered, possibly cast, parameter)."""
+    seen: dict[str, torch.dtype] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            hooks.append(m.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(name, mod.weight.dtype)))
+    return seen, hooks
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+@pytest.mark.parametrize("dtype,lora", [("bfloat16", True), ("bfloat16", False), ("float32", True)])
+def test_mixed_precision_follows_model_dtype_on_cpu(micro_cfg, tmp_path, dtype, lora):
+    from looper import dist
+    from looper.loops.common import build_policy, shard
+    from looper.losses.sft import masked_cross_entropy
+
+    cfg = micro_cfg(tmp_path, f"model.dtype={dtype}", *([] if lora else ["lora=null"]))
+    env = dist.init_distributed("cpu")
+    compute = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    model, _ = build_policy(cfg, env, str(cfg.model.name_or_path), adapter=None, lora=cfg.lora)
+    model = shard(model, env, activation_checkpointing=False, compute_dtype=compute)  # as train_sft does
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    assert trainable and (frozen if lora else not frozen)
+    # stored (sharded master) dtypes: trainable always fp32; a LoRA base in the compute dtype
+    assert all(_local(p).dtype == torch.float32 for _, p in trainable), "trainable masters must be fp32"
+    assert all(_local(p).dtype == compute for _, p in frozen), "a frozen LoRA base is stored in model.dtype"
+    seen, hooks = _linear_weight_dtypes(model)
+    ids = torch.randint(4, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    try:
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    # every Linear (LoRA A/B and base alike) computes in the compute dtype
+    assert seen and set(seen.values()) == {compute}, seen
+    assert logits.dtype == compute
+    s, n = masked_cross_entropy(logits, ids)
+    assert s.dtype == torch.float32 and torch.isfinite(s)  # the loss is fp32 whatever the logits
+    (s / n).backward()
+    for name, p in trainable:
+        assert p.grad is not None and _local(p.grad).dtype == torch.float32, name  # fp32 reduce, fp32 grads
+
+
+def test_losses_are_fp32_for_bf16_logits():
+    from looper.losses.dpo import dpo_loss, sequence_logps
+    from looper.losses.sft import masked_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 20, 300, generator=g)).bfloat16().requires_grad_()
+    labels = torch.randint(0, 300, (3, 20), generator=g)
+    labels[:, :8] = -100
+    s, n = masked_cross_entropy(logits, labels)
+    lp = sequence_logps(logits, labels)
+    assert s.dtype == lp.dtype == torch.float32
+    # the same numbers as fp32 arithmetic on the (exact) upcast bf16 logits
+    s32, _ = masked_cross_entropy(logits.detach().float(), labels)
+    lp32 = sequence_logps(logits.detach().float(), labels)
+    torch.testing.assert_close(s.detach(), s32, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(lp.detach(), lp32, rtol=1e-6, atol=1e-4)
+    losses, cr, rr = dpo_loss(lp[:2], lp[1:], lp32[:2].bfloat16(), lp32[1:].bfloat16(), beta=0.1)
+    assert losses.dtype == cr.dtype == rr.dtype == torch.float32
+    s.backward()
+    assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad.float()).all()
+
+
+_FP32_MASTERS_HOOK = """
+import torch
+from looper.loops import common
+_real_step = common.TrainLoop.optimizer_step
+def _checked_step(self, *a, **kw):  # the optimizer steps fp32 masters with fp32 grads
+    for p in self.params:
+        local = p.to_local() if hasattr(p, "to_local") else p
+        grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        assert local.dtype == torch.float32 and grad.dtype == torch.float32, (local.dtype, grad.dtype)
+    return _real_step(self, *a, **kw)
+common.TrainLoop.optimizer_step = _checked_step
+"""
+
+
+@pytest.mark.slow
+def test_bf16_sft_on_cpu_two_ranks_match_one_rank(micro_overrides, micro_cfg, tmp_path, monkeypatch):
+    import math
+
+    from looper.loops import common
+
+    common_kw = dict(sft__max_steps=6, sft__lr=1e-2, sft__warmup_steps=1, sft__batch_size=4)
+    two = micro_overrides(tmp_path / "w2", "model.dtype=bfloat16", sft__grad_accum=1, **common_kw)
+    run_torchrun(
+        _FP32_MASTERS_HOOK + f"""
+from looper.config import load_config
+from looper.loops.sft import train_sft
+train_sft(load_config(None, {two!r}))
+""",
+        workdir=tmp_path,
+    )
+    real_step = common.TrainLoop.optimizer_step
+    checked = []
+
+    def checked_step(self, *a, **kw):
+        for p in self.params:
+            assert _local(p).dtype == torch.float32 and _local(p.grad).dtype == torch.float32
+        checked.append(1)
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(common.TrainLoop, "optimizer_step", checked_step)
+    cfg1 = micro_cfg(tmp_path / "w1", "model.dtype=bfloat16", sft__grad_accum=2, **common_kw)
+    out1 = train_sft(cfg1).output_dir
+    assert len(checked) == 6
+    cfg2 = micro_cfg(tmp_path / "w2", "model.dtype=bfloat16", sft__grad_accum=1, **common_kw)
+    m1, m2 = metrics(cfg1), metrics(cfg2)
+    assert len(m1) == len(m2) == 6
+    assert [r["completion_tokens"] for r in m1] == [r["completion_tokens"] for r in m2]
+    losses1 = [r["loss"] for r in m1]
+    assert all(math.isfinite(v) for v in losses1)
+    assert losses1[-1] < losses1[0], losses1
+    assert_metrics_close(m1, m2, rel=BF16_TOL, abs_=1e-3)
+    a1, a2 = adapter_tensors(out1), adapter_tensors(RunLayout.of(cfg2).sft_adapter)
+    assert all(v.dtype == torch.float32 for v in (*a1.values(), *a2.values())), "adapters are saved in fp32"
+    assert_tensors_close(a1, a2, rel=5e-2, what="bf16 adapter", elem_rel=0.2)
+
+    # the fp32 adapter loads with peft over an fp32 and a bf16 base, and changes both alike
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(4, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for dt in (torch.float32, torch.bfloat16):
+        with torch.no_grad():
+            base = AutoModelForCausalLM.from_pretrained(str(cfg1.model.name_or_path), dtype=dt).eval()
+            plain = base(input_ids=ids).logits.float()
+            peft = PeftModel.from_pretrained(base, out1).eval()
+            assert all(p.dtype == dt for n, p in peft.named_parameters() if "lora_" not in n)
+            outs[dt] = peft(input_ids=ids).logits.float()
+        assert torch.isfinite(outs[dt]).all()
+        assert (outs[dt] - plain).abs().max() > 1e-2, "the adapter changes nothing"
+    torch.testing.assert_close(outs[torch.bfloat16], outs[torch.float32], rtol=0, atol=0.1)

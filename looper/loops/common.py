@@ -36,9 +36,11 @@ def build_policy(cfg: Config, env: dist.DistEnv, path: str, adapter: Optional[st
     quiet_transformers()
     tokenizer = load_tokenizer(path, cfg.model)
     full_ft = adapter is None and lora is None
-    # master weights: fp32 on CPU; on GPU the stored dtype, gathered in bf16 by FSDP.
-    # Full fine-tuning keeps fp32 master weights everywhere.
-    dtype = torch.float32 if full_ft else resolve_dtype(cfg.model.dtype, env.device)
+    # compute dtype: model.dtype (auto: bf16 on GPU, fp32 on CPU); FSDP gathers in it (shard).
+    # LoRA: the frozen base is stored in the compute dtype, the trainable adapter in fp32.
+    # Full fine-tuning keeps fp32 master weights and computes in the compute dtype.
+    compute_dtype = resolve_dtype(cfg.model.dtype, env.device)
+    dtype = torch.float32 if full_ft else compute_dtype
     model = load_base_model(path, cfg.model, device="cpu", dtype=dtype)
     if adapter is not None:
         model = load_adapter(model, adapter, trainable=True)
@@ -52,7 +54,9 @@ def build_policy(cfg: Config, env: dist.DistEnv, path: str, adapter: Optional[st
     return model, tokenizer
 
 
-def shard(model, env: dist.DistEnv, activation_checkpointing: bool):
+def shard(model, env: dist.DistEnv, activation_checkpointing: bool, compute_dtype: Optional[torch.dtype] = None):
+    """Activation checkpointing (optional), then FSDP2 with the mixed precision of
+    ``compute_dtype`` (``resolve_dtype(cfg.model.dtype, device)``; None: the device default)."""
     if activation_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -61,7 +65,7 @@ def shard(model, env: dist.DistEnv, activation_checkpointing: bool):
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     model.to(env.device)
-    return dist.shard_model(model, decoder_layers(model), env.device)
+    return dist.shard_model(model, decoder_layers(model), env.device, compute_dtype=compute_dtype)
 
 
 def trainable_params(model) -> list[torch.nn.Parameter]:

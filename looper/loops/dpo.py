@@ -241,7 +241,7 @@ def train_dpo(cfg: Config) -> TrainResult:
         with torch.random.fork_rng(devices=[]):
             model.load_adapter(adapter, adapter_name="reference", is_trainable=False)
         model.base_model.set_adapter("default", inference_mode=False)
-    model = shard(model, env, t.activation_checkpointing)
+    model = shard(model, env, t.activation_checkpointing, resolve_dtype(cfg.model.dtype, env.device))
     pad_id = tokenizer.pad_token_id
     phases = {"setup": time.perf_counter() - t0}
 

@@ -24,7 +24,7 @@ from looper.loops.common import (
     TrainLoop, TrainResult, accepts_logits_to_keep, build_policy, equal_shards,
     loss_logits, resume_point, seed_everything, shard, split_val,
 )
-from looper.models import ensure_model
+from looper.models import ensure_model, resolve_dtype
 
 STAGES = ("sft", "base")
 
@@ -141,7 +141,7 @@ def train_sft(cfg: Config, stage: str = "sft") -> TrainResult:
     model, tokenizer = build_policy(cfg, env, model_path, adapter=init_adapter, lora=lora)
     train, val, n_truncated = load_sft_examples(cfg, tokenizer, t.val_size, rows)
     trim = accepts_logits_to_keep(model)  # skip the LM head on the shared prompt prefix
-    model = shard(model, env, t.activation_checkpointing)
+    model = shard(model, env, t.activation_checkpointing, resolve_dtype(cfg.model.dtype, env.device))
     pad_id = tokenizer.pad_token_id
     loop = TrainLoop(
         model=model, lengths=[len(e.input_ids) for e in train], t=t, env=env, resume_dir=layout.resume(name),
