@@ -88,7 +88,11 @@ def barrier() -> None:
 
 
 def destroy() -> None:
+    """Leave the process group. All ranks meet first, so none tears its connections down
+    while another still has work on them (a gloo rank then aborts)."""
     if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
