@@ -89,6 +89,9 @@ class DataConfig:
     # (looper/data/formats.py)
     prompt_format: Literal["template", "chat"] = "template"
     system_prompt: Optional[str] = None  # chat only: a system message before the question
+    # chat only: extra variables for the template, e.g. Llama 3's {date_string: "26 Jul 2024"}
+    # (without it that template writes today's date into every prompt)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     strip_calculator: bool = False
     max_length: int = 512
     truncation: Literal["truncate", "error"] = "truncate"
@@ -233,6 +236,10 @@ class RunConfig:
     seed: int = 0  # LoRA init and the held-out splits
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: bool = True
+    # experiment tracking beside metrics/*.jsonl (looper.tracking); optional extras
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    run_name: Optional[str] = None  # trackers' run name; default: the output folder's name
+    wandb_project: str = "looper"
 
 
 @dataclass
@@ -364,6 +371,8 @@ def _steps_ordered(c: SyntheticConfig) -> Optional[str]:
 def _prompts_fit_the_format(c: DataConfig) -> Optional[str]:
     if c.prompt_format == "template" and "{question}" not in c.prompt_template:
         return f"prompt_template must contain {{question}}, got {c.prompt_template!r}"
+    if c.chat_template_kwargs and c.prompt_format != "chat":
+        return f"chat_template_kwargs is set but prompt_format is {c.prompt_format!r}: it applies only to the chat format"
     if c.system_prompt is not None and c.prompt_format != "chat":
         return (
             f"system_prompt is set but prompt_format is {c.prompt_format!r}: a system message exists "
@@ -425,6 +434,8 @@ def _type_name(tp: Any) -> str:
     if origin is list:
         (inner,) = typing.get_args(tp) or (Any,)
         return f"list[{_type_name(inner)}]"
+    if origin is dict:
+        return "mapping"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -461,6 +472,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value not in allowed:
             raise ConfigError(f"{key}: expected one of {list(allowed)}, got {value!r}")
         return value
+    if origin is dict:
+        _, inner = typing.get_args(tp) or (str, Any)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected a mapping with string keys, got {value!r}")
+        return {k: _convert(v, inner, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (inner,) = typing.get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):

@@ -36,10 +36,11 @@ from looper.io import sha256_files
 
 _TRAIN_NOT_COMPARED = ("eval_every", "save_every", "keep_last", "log_every", "resume", "activation_checkpointing")
 _GEN_NOT_COMPARED = ("batch_size", "max_batch_tokens")
-_DATA_FOR_TRAINING = ("train", "hf_config", "prompt_template", "prompt_format", "system_prompt", "strip_calculator",
+_DATA_FOR_TRAINING = ("train", "hf_config", "prompt_template", "prompt_format", "system_prompt", "chat_template_kwargs", "strip_calculator",
                       "max_length", "truncation", "synthetic")
-_DATA_FOR_QUESTIONS = ("train", "hf_config", "prompt_template", "prompt_format", "system_prompt", "synthetic")
-_DATA_FOR_EVAL = ("test", "hf_config", "prompt_template", "prompt_format", "system_prompt", "synthetic")
+_DATA_FOR_PAIRS = ("max_length", "truncation", "prompt_format", "system_prompt", "chat_template_kwargs")
+_DATA_FOR_QUESTIONS = ("train", "hf_config", "prompt_template", "prompt_format", "system_prompt", "chat_template_kwargs", "synthetic")
+_DATA_FOR_EVAL = ("test", "hf_config", "prompt_template", "prompt_format", "system_prompt", "chat_template_kwargs", "synthetic")
 
 
 def flatten(value: dict) -> dict:
@@ -93,8 +94,7 @@ def stage_settings(cfg: Config, stage: str, world_size: int = 1) -> dict[str, An
         return {**_section(c, "prefs", ("hist_bins",)), **_section(c, "regime_w"),
                 "data.prompt_template": cfg.data.prompt_template}
     if stage == "dpo":
-        return {**model, "data.max_length": cfg.data.max_length, "data.truncation": cfg.data.truncation,
-                "data.prompt_format": cfg.data.prompt_format, "data.system_prompt": cfg.data.system_prompt,
+        return {**model, **_section(c, "data", keep=_DATA_FOR_PAIRS),
                 **_training(c, "dpo", world_size, ("reference", "adapter", "pairs")), **seed}
     if stage == "eval":
         gen = _section(c["eval"], "generation", _GEN_NOT_COMPARED)

@@ -18,6 +18,7 @@ nothing else in looper joins run paths. Beside it, ``resolve_adapter`` turns the
       outputs/<name>_eval.jsonl, outputs/<name>_eval.json, outputs/compare.md
       metrics/<stage>.jsonl              one line per optimizer step
       configs/<stage>.yaml               the resolved config each stage ran with
+      tensorboard/<stage>/, wandb/       trackers' files, when run.report_to asks for them
       pipeline_state.json, report.md, *.png
 
 Iterative rounds (``round > 1``) get their own rollouts, pairs, adapter, metrics and eval
@@ -178,6 +179,15 @@ class RunLayout:
 
     def metrics(self, stage: str, round: Optional[int] = None) -> str:
         return self._p("metrics", f"{self.stage_name(stage, round)}.jsonl")
+
+    def tensorboard(self, stage_name: str) -> str:
+        """TensorBoard event files of one stage (``stage_name`` as ``stage_name()`` gives it)."""
+        return self._p("tensorboard", stage_name)
+
+    @property
+    def wandb(self) -> str:
+        """W&B's files, and ``<stage name>.id``: the W&B run a resumed stage continues."""
+        return self._p("wandb")
 
     def config(self, stage: str, round: Optional[int] = None) -> str:
         return self._p("configs", f"{self.stage_name(stage, round)}.yaml")

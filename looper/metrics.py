@@ -15,12 +15,14 @@ class MetricsLog:
     """Append metrics as JSON lines on rank 0; other ranks do nothing.
 
     On resume the file is cut back to the lines at or before the resumed step, so the
-    log of a resumed run matches the log of an uninterrupted one.
+    log of a resumed run matches the log of an uninterrupted one. A ``tracker``
+    (``looper.tracking.Tracker``) receives every record too.
     """
 
-    def __init__(self, path: str, resume_step: int = 0):
+    def __init__(self, path: str, resume_step: int = 0, tracker=None):
         self.path = path
         self._f = None
+        self.tracker = tracker
         if not dist.is_main():
             return
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -37,6 +39,8 @@ class MetricsLog:
         with open(path, "w") as f:
             f.writelines(kept)
         self._f = open(path, "a")
+        if tracker is not None:
+            tracker.open(resume_step)
 
     def log(self, record: dict) -> None:
         if self._f is None:
@@ -45,8 +49,12 @@ class MetricsLog:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in clean.items()}
         self._f.write(json.dumps(clean) + "\n")
         self._f.flush()
+        if self.tracker is not None:
+            self.tracker.log(record)
 
     def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
         if self._f is not None:
             self._f.close()
             self._f = None

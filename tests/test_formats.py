@@ -319,3 +319,55 @@ def test_template_format_is_unchanged(tiny_model_dir, problems, tmp_path):
             "completion": format_completion(r["answer"], cfg.data.strip_calculator)}
            for r in load_questions(None, "train", cfg.data)]
     assert load_sft_rows(cfg) == old  # same rows, same keys: the SFT data digest is unchanged
+
+
+# --------------------------------------------------------------------------- template variables
+
+DATED_LLAMA3 = (  # Llama 3.x's templates write a date into the system header, today's by default
+    "{{ bos_token }}{% if date_string is not defined %}{% set date_string = strftime_now('%d %b %Y') %}{% endif %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\nToday Date: ' + date_string + '<|eot_id|>' }}"
+    "{% for m in messages %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def test_chat_template_kwargs_reach_every_rendering(tiny_model_dir, problems, tmp_path, monkeypatch):
+    import datetime
+
+    from looper.loops.sft import load_sft_examples, load_sft_rows
+
+    tok = chat_tokenizer(tiny_model_dir, "llama3", DATED_LLAMA3)
+    today = datetime.datetime.now().strftime("%d %b %Y")
+    assert f"Today Date: {today}" in ChatFormat(tok).prompt("q")  # without it: the day it runs
+    fixed = ChatFormat(tok, template_kwargs={"date_string": "26 Jul 2024"})
+    assert "Today Date: 26 Jul 2024" in fixed.prompt("q") and today not in fixed.prompt("q")
+    assert fixed.end_of_turn == "<|eot_id|>"
+    # SFT rows: the prompt and the boundary check both render with the variables
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tok.save_pretrained(str(model_dir))
+    cfg = load_config(None, [f"run.output_dir={tmp_path / 'run'}", f"model.name_or_path={model_dir}",
+                             "data.prompt_format=chat", "data.chat_template_kwargs={date_string: 26 Jul 2024}",
+                             "data.synthetic.n_train=6", "sft.val_size=2"])
+    rows = load_sft_rows(cfg)
+    assert all("Today Date: 26 Jul 2024" in r["prompt"] for r in rows)
+    saved = load_tokenizer(str(model_dir))
+    train, val, _ = load_sft_examples(cfg, saved, rows=rows)  # each row checked against the whole conversation
+    assert len(train) + len(val) == 6
+    assert all("Today Date: 26 Jul 2024" in saved.decode(e.input_ids[:e.prompt_len]) for e in train + val)
+
+
+def test_chat_template_kwargs_are_checked_and_compared(tmp_path):
+    from looper.fingerprint import changes, stage_settings
+
+    base = [f"run.output_dir={tmp_path}", "data.prompt_format=chat"]
+    with pytest.raises(ConfigError, match="chat_template_kwargs is set but prompt_format is 'template'"):
+        load_config(None, [f"run.output_dir={tmp_path}", "data.chat_template_kwargs={date_string: x}"])
+    with pytest.raises(ConfigError, match="data.chat_template_kwargs: expected a mapping"):
+        load_config(None, base + ["data.chat_template_kwargs=[1, 2]"])
+    a = load_config(None, base)
+    b = load_config(None, base + ["data.chat_template_kwargs={date_string: 26 Jul 2024}"])
+    for stage in ("sft", "rollout", "dpo", "eval"):
+        keys = {k for k, _, _ in changes(stage_settings(a, stage), stage_settings(b, stage))}
+        assert keys and all(k.startswith("data.chat_template_kwargs") for k in keys), (stage, keys)

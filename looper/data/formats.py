@@ -101,9 +101,10 @@ class ChatFormat:
 
     kind = "chat"
 
-    def __init__(self, tokenizer, system_prompt: Optional[str] = None):
+    def __init__(self, tokenizer, system_prompt: Optional[str] = None, template_kwargs: Optional[dict] = None):
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
+        self.template_kwargs = dict(template_kwargs or {})  # data.chat_template_kwargs
         self.name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(
@@ -123,7 +124,7 @@ class ChatFormat:
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
         try:
             text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=generation_prompt
+                messages, tokenize=False, add_generation_prompt=generation_prompt, **self.template_kwargs
             )
         except Exception as e:  # jinja2 errors: a template that refuses a system role, say
             key = "data.system_prompt" if self.system_prompt is not None else "data.prompt_format"
@@ -269,7 +270,7 @@ def resolve(tokenizer: Any, data_cfg: Optional[DataConfig] = None) -> PromptForm
     if data_cfg.prompt_format == "chat":
         if tokenizer is None:
             raise ValueError("the chat format needs a tokenizer")
-        return ChatFormat(tokenizer, data_cfg.system_prompt)
+        return ChatFormat(tokenizer, data_cfg.system_prompt, data_cfg.chat_template_kwargs)
     if data_cfg.prompt_format != "template":
         raise ConfigError(f"data.prompt_format must be 'template' or 'chat', got {data_cfg.prompt_format!r}")
     return TemplateFormat(tokenizer, data_cfg.prompt_template)

@@ -14,6 +14,7 @@ template format, exactly as before.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -95,9 +96,11 @@ def _row_format(tokenizer, row: dict, cache: dict):
     from looper.data.formats import ChatFormat
 
     system = messages[0]["content"] if messages and messages[0].get("role") == "system" else None
-    if system not in cache:
-        cache[system] = ChatFormat(tokenizer, system)
-    return cache[system]
+    kwargs = row.get("chat_template_kwargs") or {}
+    key = (system, json.dumps(kwargs, sort_keys=True, default=str))
+    if key not in cache:
+        cache[key] = ChatFormat(tokenizer, system, kwargs)
+    return cache[key]
 
 
 def encode_sft_rows(tokenizer, rows: Sequence[dict], max_length: int, mode: str, fmt=None) -> tuple[list[Encoded], int]:

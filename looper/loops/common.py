@@ -202,11 +202,12 @@ class TrainLoop:
     def __init__(
         self, *, model, lengths: list[int], t: TrainConfig, env: dist.DistEnv, resume_dir: str,
         metrics_path: str, desc: str, trainable_only: bool, show_progress: bool = True,
-        identity: Optional[dict] = None, resume_from: Optional[str] = None,
+        identity: Optional[dict] = None, resume_from: Optional[str] = None, tracker=None,
     ):
         """``model`` is sharded; ``lengths`` are the training examples' token counts (they
         group examples of similar length into micro-batches); ``resume_from`` is the state
-        ``resume_point`` chose; ``identity`` is recorded in every resume state written."""
+        ``resume_point`` chose; ``identity`` is recorded in every resume state written;
+        ``tracker`` (``looper.tracking.for_stage``) receives what the metrics log writes."""
         self.model, self.t, self.env = model, t, env
         self.params = trainable_params(model)
         self.batches = MicroBatches(lengths, t.batch_size, t.grad_accum * env.world_size, t.seed)
@@ -221,7 +222,7 @@ class TrainLoop:
             state = checkpoint.load_resume_state(self.resumed_from, model, self.optimizer, trainable_only)
             self.scheduler.load_state_dict(state["scheduler"])
             self.step, self.tokens_seen, self.last_ckpt = state["step"], state["tokens_seen"], self.resumed_from
-        self.metrics = MetricsLog(metrics_path, resume_step=self.step)
+        self.metrics = MetricsLog(metrics_path, resume_step=self.step, tracker=tracker)
         self.bar = progress(n_steps, desc, initial=self.step, enabled=show_progress)
         self.clock = Throughput()
         self.result_steps: dict[str, list] = {"wall": [], "cpu": [], "tokens": [], "positions": []}

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from looper import checkpoint, dist, fingerprint
+from looper import checkpoint, dist, fingerprint, tracking
 from looper.config import Config, ConfigError, save_config
 from looper.data import formats
 from looper.data.tokenize import PairEncoded, collate_pairs, encode_pair
@@ -226,6 +226,7 @@ def train_dpo(cfg: Config) -> TrainResult:
     }
     check_writable([layout.checkpoint(name), layout.resume(name), layout.metrics("dpo"), layout.config("dpo"), layout.cache])
     resume_from = resume_point(t, layout.resume(name), identity, "dpo")
+    tracker = tracking.for_stage(cfg, layout, layout.stage_name("dpo"))  # a missing tracker package fails here
     seed_everything(t.seed)
     if env.is_main:
         save_config(cfg, layout.config("dpo"))
@@ -269,7 +270,7 @@ def train_dpo(cfg: Config) -> TrainResult:
     loop = TrainLoop(
         model=model, lengths=[e.length for e in train], t=t, env=env, resume_dir=layout.resume(name),
         metrics_path=layout.metrics("dpo"), desc="dpo", trainable_only=True, show_progress=cfg.run.progress,
-        identity={**identity, "reference_key": key}, resume_from=resume_from,
+        identity={**identity, "reference_key": key}, resume_from=resume_from, tracker=tracker,
     )
     if env.is_main:
         print(

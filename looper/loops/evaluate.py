@@ -166,7 +166,7 @@ def evaluate(cfg: Config) -> dict:
     (questions are sharded; rank 0 writes the summary). A rerun resumes the questions
     already written, and refuses other settings, naming each one.
     """
-    from looper import dist, fingerprint
+    from looper import dist, fingerprint, tracking
     from looper.data import formats
     from looper.generation import check_resumable, generation_meta, run_generation
     from looper.models import ensure_model, load_for_generation
@@ -186,6 +186,7 @@ def evaluate(cfg: Config) -> dict:
     )
     check_resumable(out_jsonl, meta, "eval")  # before any work
     check_writable([out_jsonl, layout.eval_summary(name), layout.config(f"eval_{name}")])
+    tracker = tracking.for_stage(cfg, layout, f"eval_{name}")  # a missing tracker package fails here
     model, tokenizer = load_for_generation(cfg, adapter_path, env.device)  # checks data.prompt_format first
     fmt = formats.resolve(tokenizer, cfg.data)
     for q in questions:  # the prompt as sent: its text goes into the record, its tokens to the model
@@ -207,6 +208,11 @@ def evaluate(cfg: Config) -> dict:
     if env.is_main:
         write_json_atomic(layout.eval_summary(name), summary)
         save_config(cfg, layout.config(f"eval_{name}"))
+        if tracker is not None:  # one point per eval, at the pipeline round
+            tracker.open()
+            tracker.log({"step": cfg.pipeline.round, "eval/accuracy": summary["accuracy"],
+                         "eval/strict_accuracy": summary["strict"]["accuracy"], "eval/n": summary["n"]})
+            tracker.close()
         lo, hi = summary["ci95"]
         print(
             f"eval {name}: accuracy {summary['accuracy']:.4f} ({summary['correct']}/{summary['n']}, "

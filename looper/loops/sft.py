@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from looper import checkpoint, dist, fingerprint
+from looper import checkpoint, dist, fingerprint, tracking
 from looper.config import Config, ConfigError, LoraConfig, TrainConfig, save_config
 from looper.data.gsm8k import format_completion, load_questions
 from looper.data.tokenize import Encoded, collate, encode_sft_rows
@@ -56,6 +56,8 @@ def load_sft_rows(cfg: Config, tokenizer=None) -> list[dict]:
         messages = fmt.messages(r["question"])
         if messages is not None:
             row["messages"] = messages
+            if cfg.data.chat_template_kwargs:
+                row["chat_template_kwargs"] = cfg.data.chat_template_kwargs
         out.append(row)
     return out
 
@@ -133,6 +135,7 @@ def train_sft(cfg: Config, stage: str = "sft") -> TrainResult:
     }
     check_writable([layout.checkpoint(name), layout.resume(name), layout.metrics(stage), layout.config(stage)])
     resume_from = resume_point(t, layout.resume(name), identity, "base_train" if stage == "base" else "sft")
+    tracker = tracking.for_stage(cfg, layout, stage)  # a missing tracker package fails here
     seed_everything(t.seed)
     if env.is_main:
         save_config(cfg, layout.config(stage))
@@ -146,7 +149,7 @@ def train_sft(cfg: Config, stage: str = "sft") -> TrainResult:
     loop = TrainLoop(
         model=model, lengths=[len(e.input_ids) for e in train], t=t, env=env, resume_dir=layout.resume(name),
         metrics_path=layout.metrics(stage), desc=stage, trainable_only=not full_ft, show_progress=cfg.run.progress,
-        identity=identity, resume_from=resume_from,
+        identity=identity, resume_from=resume_from, tracker=tracker,
     )
     if env.is_main:
         print(
