@@ -9,6 +9,8 @@ the matmul peak and peak memory.
   train texts, and cached in ONE temporary folder shared by every script (keyed by the
   shape and the data source).
 - ``make_adapter``: an SFT-like LoRA adapter with small random non-zero B.
+- ``matmul_params``: the parameters that take part in matmuls (decoder projections, LM
+  head, LoRA), the base of every script's FLOP count.
 - ``matmul_peak``: the best FLOP/s of several large square matmuls (fp32 on CPU, bf16 on
   GPU), by wall time and by process CPU time.
 - ``peak_memory`` / ``mib``: peak RSS (and peak allocated CUDA memory) in MiB.
@@ -84,6 +86,32 @@ def make_adapter(model_dir: str, out: str, r: int) -> None:
                     p.normal_(0.0, 0.01)
     model.save_pretrained(out)
     load_tokenizer(model_dir).save_pretrained(out)
+
+
+def matmul_params(model_dir: str, lora_r: int | None) -> dict:
+    """Parameters that take part in matmuls (no embeddings), counted on a meta-device model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from looper.loops.common import accepts_logits_to_keep
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    body = head = lora = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            if name.endswith("lm_head"):
+                head += mod.weight.numel()
+            else:
+                body += mod.weight.numel()
+                if lora_r:  # peft's all-linear: every decoder projection, not the head
+                    lora += lora_r * (mod.in_features + mod.out_features)
+    return {
+        "decoder_linear": body, "lm_head": head, "lora": lora,
+        "N": body + head + lora, "all_params_incl_embeddings": sum(p.numel() for p in model.parameters()),
+        "layers": config.num_hidden_layers, "hidden": config.hidden_size,
+        "head_trimmed": accepts_logits_to_keep(model),
+    }
 
 
 # --------------------------------------------------------------------------- peak FLOP/s and memory

@@ -10,6 +10,18 @@ The reference setup is the tiny benchmark model (Llama, hidden 256, 4 layers, 4 
 intermediate 680, BPE vocabulary 4096 trained on GSM8K train), 64 GSM8K test prompts,
 8 samples each, 256 new tokens. Prints one JSON object.
 
+Decode efficiency: achieved FLOP/s against the best large square matmul measured in the
+same run (``common.matmul_peak``). FLOPs per token, with N the matmul parameters
+(decoder projections and LM head, ``common.matmul_params``), L layers, d the hidden size:
+
+- prefill, once per question (the engine keeps one prompt copy per question):
+  ``2N`` per prompt token plus causal attention ``2 * L * d * p * (p + 1)`` per prompt of p tokens;
+- decode, each generated token at context length t (prompt + tokens so far, itself
+  included): ``2N + 4 * L * d * t`` (scores and values over t positions).
+
+The decode time is the engine's time less its time for the same questions with one new
+token (prefill, planning and one sampling step), measured right after.
+
     python benchmarks/generation_throughput.py                       # reference setup
     python benchmarks/generation_throughput.py --questions 8 --new-tokens 64   # quick
 """
@@ -27,7 +39,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # common.py beside this file; looper at the repo root
 
-from common import BENCH_TINY, data_source, ensure_model, peak_memory, set_threads  # noqa: E402
+from common import (  # noqa: E402
+    BENCH_TINY, data_source, default_peak_size, ensure_model, matmul_params, matmul_peak, peak_memory, set_threads,
+)
 
 from looper.config import ABEL_PROMPT, GenerationConfig  # noqa: E402
 from looper.data.gsm8k import format_prompt, load_questions  # noqa: E402
@@ -53,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="alternate engine and baseline over this many slices of the questions, so that "
                         "drifting machine load hits both alike")
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--peak-size", type=int, default=0, help="square matmul size of the peak (0: 2048 CPU, 8192 GPU)")
     return p.parse_args(argv)
 
 
@@ -83,6 +98,14 @@ def run_engine(model, tok, items: list[dict], args, device) -> tuple[int, float]
     elapsed = time.perf_counter() - t0
     n_tokens = sum(s["num_tokens"] for _, samples in results for s in samples)
     return n_tokens, elapsed
+
+
+def generation_flops(prompt_lens: list[int], samples: int, new_tokens: int, n: dict) -> dict:
+    """Prefill and decode FLOPs of the run (see the module docstring)."""
+    L, d, N = n["layers"], n["hidden"], n["decoder_linear"] + n["lm_head"]
+    prefill = sum(2 * N * p + 2 * L * d * p * (p + 1) for p in prompt_lens)
+    decode = samples * sum(2 * N * new_tokens + 4 * L * d * sum(range(p + 1, p + new_tokens + 1)) for p in prompt_lens)
+    return {"prefill": prefill, "decode": decode}
 
 
 def _rates(tokens: int, questions: int, seconds: float) -> dict:
@@ -124,6 +147,26 @@ def main(argv=None) -> dict:
             tokens, seconds = fn()
             totals[name][0] += tokens
             totals[name][1] += seconds
+    # the same questions with one new token: the prefill part of the engine's time
+    one = argparse.Namespace(**{**vars(args), "new_tokens": 1})
+    prefill_seconds = min(run_engine(model, tok, items, one, device)[1] for _ in range(2))
+    peak = matmul_peak(device, args.peak_size or default_peak_size(device)).flops_per_s
+    n = matmul_params(path, None)
+    flops = generation_flops(list(map(len, prompts)), args.samples, args.new_tokens, n)
+    decode_seconds = max(totals["engine"][1] - prefill_seconds, 1e-9)
+    efficiency = {
+        "matmul_params_N": n["decoder_linear"] + n["lm_head"],
+        "peak_flops_per_s": peak,
+        "prefill_flops": flops["prefill"],
+        "decode_flops": flops["decode"],
+        "prefill_seconds": round(prefill_seconds, 3),
+        "decode_seconds": round(decode_seconds, 3),
+        "decode_flops_per_s": flops["decode"] / decode_seconds,
+        "decode_fraction_of_peak": round(flops["decode"] / decode_seconds / peak, 4),
+        "whole_run_fraction_of_peak": round((flops["prefill"] + flops["decode"]) / totals["engine"][1] / peak, 4),
+        "convention": "decode: 2N + 4*L*d*t per generated token at context t; prefill once per question; "
+                      "peak: best square matmul in this process",
+    }
     engine = _rates(totals["engine"][0], len(items), totals["engine"][1])
     baseline = None if args.skip_baseline else _rates(totals["baseline"][0], len(items), totals["baseline"][1])
     result = {
@@ -139,6 +182,7 @@ def main(argv=None) -> dict:
         "rounds": rounds,
         "engine": {**engine, "batch_size": args.batch_size},
         "baseline_hf_generate": baseline,
+        "decode_efficiency": efficiency,
         "speedup_tokens_per_s": round(engine["tokens_per_s"] / baseline["tokens_per_s"], 2) if baseline else None,
         "peak_memory": peak_memory(device),
     }

@@ -47,7 +47,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # common.py beside this file; looper at the repo root
 
 from common import (  # noqa: E402
-    PEAK_REPS, cpu_utilization, data_source, default_peak_size, ensure_model, matmul_peak, set_threads,
+    PEAK_REPS, cpu_utilization, data_source, default_peak_size, ensure_model, matmul_params, matmul_peak, set_threads,
 )
 
 from looper.config import load_config  # noqa: E402
@@ -79,30 +79,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- setup
-
-
-def matmul_params(model_dir: str, lora_r: int | None) -> dict:
-    """Parameters that take part in matmuls (no embeddings), counted on a meta-device model."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_dir)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    body = head = lora = 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            if name.endswith("lm_head"):
-                head += mod.weight.numel()
-            else:
-                body += mod.weight.numel()
-                if lora_r:  # peft's all-linear: every decoder projection, not the head
-                    lora += lora_r * (mod.in_features + mod.out_features)
-    return {
-        "decoder_linear": body, "lm_head": head, "lora": lora,
-        "N": body + head + lora, "all_params_incl_embeddings": sum(p.numel() for p in model.parameters()),
-        "layers": config.num_hidden_layers, "hidden": config.hidden_size,
-        "head_trimmed": accepts_logits_to_keep(model),
-    }
 
 
 def replay_steps(cfg, model_dir: str, first: int, last: int) -> tuple[list[list[list[tuple[int, int]]]], int]:

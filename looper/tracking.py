@@ -97,11 +97,17 @@ class Tracker:
             if run_id is None:
                 run_id = secrets.token_hex(8)
                 write_text_atomic(id_file, run_id + "\n")
-            self._wandb = wandb.init(
-                project=self.project, name=f"{self.run_name}/{self.stage}", group=self.run_name,
-                job_type=self.stage, config=self.config, id=run_id, resume="allow",
-                dir=os.path.dirname(self.wandb_dir),  # W&B writes under <dir>/wandb/
-            )
+            try:
+                self._wandb = wandb.init(
+                    project=self.project, name=f"{self.run_name}/{self.stage}", group=self.run_name,
+                    job_type=self.stage, config=self.config, id=run_id, resume="allow",
+                    dir=os.path.dirname(self.wandb_dir),  # W&B writes under <dir>/wandb/
+                )
+            except wandb.errors.UsageError as e:  # no API key, most often
+                raise ConfigError(
+                    f"run.report_to includes 'wandb' but W&B refused to start: {e} "
+                    "(run `wandb login`, or set WANDB_MODE=offline and `wandb sync` later)"
+                ) from None
         return self
 
     def log(self, record: dict) -> None:

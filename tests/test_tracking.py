@@ -157,6 +157,17 @@ def test_wandb_resumes_its_run_only_when_the_stage_resumes(tmp_path, wandb_offli
     assert id_file.read_text() != first
 
 
+def test_wandb_without_a_login_is_an_error_with_the_way_out(tmp_path, wandb_offline, monkeypatch):
+    import wandb
+
+    def refuse(**kw):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    with pytest.raises(ConfigError, match="wandb login.*WANDB_MODE=offline"):
+        tracker(tmp_path, ["wandb"]).open()
+
+
 def test_other_ranks_write_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(tracking.dist, "is_main", lambda: False)
     t = tracker(tmp_path, ["tensorboard", "wandb"] if tracking.importlib.util.find_spec("wandb") else ["tensorboard"])
