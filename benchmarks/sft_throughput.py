@@ -53,7 +53,6 @@ from common import (  # noqa: E402
 from looper.config import load_config  # noqa: E402
 from looper.data.tokenize import MicroBatches  # noqa: E402
 from looper.dist import pick_device  # noqa: E402
-from looper.loops.common import accepts_logits_to_keep  # noqa: E402
 from looper.loops.sft import load_sft_examples, train_sft  # noqa: E402
 from looper.metrics import peak_memory_bytes  # noqa: E402
 from looper.models import load_tokenizer  # noqa: E402
