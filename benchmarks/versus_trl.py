@@ -170,50 +170,19 @@ def child_looper(job: str, spec: dict, out: str) -> dict:
     return {"imports": imports, **result.phases}
 
 
-def child_trl_dpo(spec: dict, out: str) -> dict:
+# the TrainingArguments both TRL jobs share: no saving, logging or workers beyond the job's own
+TRL_COMMON = dict(gradient_accumulation_steps=1, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                  bf16=False, fp16=False, disable_tqdm=True, dataloader_num_workers=0, warmup_steps=0, seed=0)
+
+
+def child_trl(job: str, spec: dict, out: str) -> dict:
+    """TRL's trainer for ``job`` in this process, timed phase by phase."""
     phases, t = {}, time.perf_counter()
     import torch
     from datasets import load_dataset
-    from peft import PeftModel
+    from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-
-    torch.set_num_threads(spec["threads"])
-    phases["imports"] = time.perf_counter() - t
-    t = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(spec["model"])
-    tok.pad_token = tok.pad_token or tok.eos_token
-    base = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, spec["adapter"], is_trainable=True)
-    data = load_dataset("json", data_files=spec["pairs"], split="train").select_columns(["prompt", "chosen", "rejected"])
-    phases["model_and_data_load"] = time.perf_counter() - t
-    t = time.perf_counter()
-    args = DPOConfig(
-        output_dir=out, per_device_train_batch_size=DPO["batch"], gradient_accumulation_steps=1,
-        max_steps=spec["steps"], learning_rate=DPO["lr"], beta=DPO["beta"], max_length=DPO["max_length"],
-        precompute_ref_log_probs=True, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-        bf16=False, fp16=False, disable_tqdm=True, dataloader_num_workers=0, warmup_steps=0, seed=0,
-    )
-    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
-    phases["trainer_init_and_tokenization"] = time.perf_counter() - t
-    t = time.perf_counter()
-    trainer.train()
-    phases["train_incl_reference_pass"] = time.perf_counter() - t
-    t = time.perf_counter()
-    trainer.save_model(os.path.join(out, "adapter"))
-    phases["save"] = time.perf_counter() - t
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"phases": phases, "steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
-            "sequences": trainer.state.global_step * DPO["batch"], "train_rows": len(trainer.train_dataset)}
-
-
-def child_trl_sft(spec: dict, out: str) -> dict:
-    phases, t = {}, time.perf_counter()
-    import torch
-    from datasets import load_dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     torch.set_num_threads(spec["threads"])
     phases["imports"] = time.perf_counter() - t
@@ -221,27 +190,35 @@ def child_trl_sft(spec: dict, out: str) -> dict:
     tok = AutoTokenizer.from_pretrained(spec["model"])
     tok.pad_token = tok.pad_token or tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
-    data = load_dataset("json", data_files=spec["trl_sft_rows"], split="train")
+    if job == "dpo":  # the adapter is the starting policy; TRL keeps a frozen copy as the reference
+        model = PeftModel.from_pretrained(model, spec["adapter"], is_trainable=True)
+        data = load_dataset("json", data_files=spec["pairs"], split="train").select_columns(["prompt", "chosen", "rejected"])
+    else:
+        data = load_dataset("json", data_files=spec["trl_sft_rows"], split="train")
     phases["model_and_data_load"] = time.perf_counter() - t
     t = time.perf_counter()
-    args = SFTConfig(
-        output_dir=out, per_device_train_batch_size=SFT["batch"], gradient_accumulation_steps=1,
-        max_steps=spec["steps"], learning_rate=SFT["lr"], max_length=SFT["max_length"], completion_only_loss=True,
-        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False, fp16=False,
-        disable_tqdm=True, dataloader_num_workers=0, warmup_steps=0, seed=0,
-    )
-    lora = LoraConfig(r=SFT["r"], lora_alpha=2 * SFT["r"], lora_dropout=0.0, target_modules="all-linear",
-                      task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=lora)
+    if job == "dpo":
+        args = DPOConfig(output_dir=out, per_device_train_batch_size=DPO["batch"], max_steps=spec["steps"],
+                         learning_rate=DPO["lr"], beta=DPO["beta"], max_length=DPO["max_length"],
+                         precompute_ref_log_probs=True, **TRL_COMMON)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+    else:
+        args = SFTConfig(output_dir=out, per_device_train_batch_size=SFT["batch"], max_steps=spec["steps"],
+                         learning_rate=SFT["lr"], max_length=SFT["max_length"], completion_only_loss=True, **TRL_COMMON)
+        lora = LoraConfig(r=SFT["r"], lora_alpha=2 * SFT["r"], lora_dropout=0.0, target_modules="all-linear",
+                          task_type="CAUSAL_LM")
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=lora)
     phases["trainer_init_and_tokenization"] = time.perf_counter() - t
     t = time.perf_counter()
     trainer.train()
-    phases["train"] = time.perf_counter() - t
+    phases["train_incl_reference_pass" if job == "dpo" else "train"] = time.perf_counter() - t
     t = time.perf_counter()
     trainer.save_model(os.path.join(out, "adapter"))
     phases["save"] = time.perf_counter() - t
-    return {"phases": phases, "steps": trainer.state.global_step, "sequences": trainer.state.global_step * SFT["batch"],
-            "train_rows": len(trainer.train_dataset)}
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    batch = DPO["batch"] if job == "dpo" else SFT["batch"]
+    return {"phases": phases, "steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
+            "sequences": trainer.state.global_step * batch, "train_rows": len(trainer.train_dataset)}
 
 
 def child_main(args) -> None:
@@ -249,7 +226,7 @@ def child_main(args) -> None:
     os.makedirs(out, exist_ok=True)
     tool, job = args.child.split("-")
     if tool == "trl":
-        result = (child_trl_dpo if job == "dpo" else child_trl_sft)(spec, out)
+        result = child_trl(job, spec, out)
     else:
         result = {"phases": child_looper(job, spec, out)}
     result["process_seconds_to_here"] = time.perf_counter() - T_START

@@ -22,3 +22,25 @@ def test_benchmark_imports_and_shows_its_help(script):
                           env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "--threads" in proc.stdout
+
+
+@pytest.mark.parametrize("script", ["versus_trl.py", "scaling.py"])
+def test_whole_job_and_scaling_scripts_show_their_help(script):
+    # versus_trl imports TRL only in its child processes, so its help needs no TRL
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / script), "--help"], cwd=str(REPO_ROOT),
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--threads" in proc.stdout
+
+
+def test_generation_flops_by_hand():
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        from generation_throughput import generation_flops
+    finally:
+        sys.path.pop(0)
+    n = {"layers": 2, "hidden": 8, "decoder_linear": 100, "lm_head": 20}  # N = 120
+    # one prompt of 3 tokens, 2 samples, 2 new tokens:
+    # prefill 2*120*3 + 2*2*8*3*4 = 720 + 384; decode per sample: tokens at context 4 and 5,
+    # 2*(2*120) + 4*2*8*(4+5) = 480 + 576 = 1056, times 2 samples
+    assert generation_flops([3], 2, 2, n) == {"prefill": 1104, "decode": 2112}
