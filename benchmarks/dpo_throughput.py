@@ -56,7 +56,7 @@ from looper.data.gsm8k import format_completion, format_prompt, load_questions  
 from looper.data.tokenize import MicroBatches, PairEncoded  # noqa: E402
 from looper.dist import pick_device  # noqa: E402
 from looper.loops.common import split_val  # noqa: E402
-from looper.loops.dpo import load_pairs, train_dpo  # noqa: E402
+from looper.loops.dpo import load_pairs, train_dpo, use_packed  # noqa: E402
 from looper.models import attach_lora, load_base_model, load_tokenizer  # noqa: E402
 
 
@@ -70,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--reference", choices=["precomputed", "online"], default="precomputed")
+    p.add_argument("--packed", choices=["auto", "true", "false"], default="auto",
+                   help="dpo.packed: prompt | chosen | rejected in one row (auto: on CPU)")
+    p.add_argument("--repeat-completions", type=int, default=1, help="each completion written this many times over")
     p.add_argument("--matmul-size", type=int, default=0, help="square matmul size for the peak (0: 2048 CPU, 8192 GPU)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--model-dir", default=None, help="benchmark model folder (built if missing)")
@@ -81,15 +84,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- setup
 
 
-def write_pairs(path: str, rows: list[dict]) -> None:
-    """Chosen: the question's own solution; rejected: the next question's solution."""
+def write_pairs(path: str, rows: list[dict], repeat: int = 1) -> None:
+    """Chosen: the question's own solution; rejected: the next question's solution; each
+    written ``repeat`` times over (longer rows, for the packed/concatenated crossover)."""
     with open(path, "w") as f:
         for i, q in enumerate(rows):
             other = rows[(i + 1) % len(rows)]
             f.write(json.dumps({
                 "pair_id": f"bench-{i}", "question_id": q["question_id"], "kind": "correctness",
                 "prompt": format_prompt(q["question"], ABEL_PROMPT),
-                "chosen": format_completion(q["answer"]), "rejected": format_completion(other["answer"]),
+                "chosen": "\n".join([format_completion(q["answer"])] * repeat),
+                "rejected": "\n".join([format_completion(other["answer"])] * repeat),
                 "chosen_reward": 1.0, "rejected_reward": 0.0, "margin": 1.0,
             }) + "\n")
 
@@ -108,13 +113,24 @@ def flop_params(base: str, r: int) -> dict:
 # --------------------------------------------------------------------------- the run's batches, replayed
 
 
-def tally(batches: list[list[PairEncoded]]) -> dict[str, int]:
+def tally(batches: list[list[PairEncoded]], packed: bool = False) -> dict[str, int]:
     """What the loop computes for these batches of pairs, each one ``collate_pairs`` batch
     (chosen rows, then rejected rows, right-padded to the longest): real tokens, computed
     positions (padding included), and the attention term, the sum over rows of t(t+1) for
-    t real tokens."""
+    t real tokens (twice the summed context lengths).
+
+    ``packed``: ``collate_packed_pairs`` batches, one ``prompt | chosen | rejected`` row per
+    pair: the prompt counts once, and the attention term is twice the context each token
+    needs (prompt causal; chosen and rejected tokens each over the prompt and their own
+    segment), not the dense block the kernel computes."""
     real = padded = attn = 0
     for pairs in batches:
+        if packed:
+            sizes = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+            real += sum(a + b + c for a, b, c in sizes)
+            padded += max(a + b + c for a, b, c in sizes) * len(sizes)
+            attn += sum(a * (a + 1) + 2 * b * a + b * (b + 1) + 2 * c * a + c * (c + 1) for a, b, c in sizes)
+            continue
         rows = [len(p.prompt_ids) + len(p.chosen_ids) for p in pairs]
         rows += [len(p.prompt_ids) + len(p.rejected_ids) for p in pairs]
         real += sum(rows)
@@ -131,12 +147,14 @@ def replay(cfg: Config, n_steps: int) -> tuple[dict[str, int], list[dict[str, in
     examples, _, _ = load_pairs(t.pairs, tokenizer, cfg.data.max_length, cfg.data.truncation)
     # the reference pass: every pair once, in batches of batch_size over pairs sorted by (length, index)
     order = sorted(range(len(examples)), key=lambda i: (examples[i].length, i))
-    reference = tally([[examples[i] for i in order[k : k + t.batch_size]] for k in range(0, len(order), t.batch_size)])
+    reference = tally([[examples[i] for i in order[k : k + t.batch_size]] for k in range(0, len(order), t.batch_size)],
+                      use_packed(cfg, pick_device(cfg.run.device)))
     # the training steps: the length-grouped schedule over the pairs left after the held-out split
     train_idx, _ = split_val(list(range(len(examples))), t.val_size, cfg.run.seed, "dpo.val_size")
     train = [examples[i] for i in train_idx]
     schedule = MicroBatches([e.length for e in train], t.batch_size, t.grad_accum, t.seed)
-    steps = [tally([[train[i] for i in mb] for mb in schedule.step(s)]) for s in range(n_steps)]
+    steps = [tally([[train[i] for i in mb] for mb in schedule.step(s)], use_packed(cfg, pick_device(cfg.run.device)))
+             for s in range(n_steps)]
     return reference, steps
 
 
@@ -156,7 +174,7 @@ def main(argv=None) -> dict:
         adapter = os.path.join(work, "sft_lora")
         make_adapter(base, adapter, args.lora_r)
         pairs = os.path.join(work, "preferences.jsonl")
-        write_pairs(pairs, rows)
+        write_pairs(pairs, rows, args.repeat_completions)
         n = flop_params(base, args.lora_r)
         per_step = args.batch_size * args.grad_accum
         steps = args.steps if args.steps > 0 else max(1, len(rows) // per_step)
@@ -166,6 +184,7 @@ def main(argv=None) -> dict:
             f"dpo.adapter={adapter}", f"dpo.pairs={pairs}", f"dpo.batch_size={args.batch_size}",
             f"dpo.grad_accum={args.grad_accum}", f"dpo.max_steps={steps}", f"dpo.reference={args.reference}",
             "dpo.lr=1e-4", "dpo.val_size=0", "dpo.save_every=0", "dpo.log_every=1", "dpo.resume=none",
+            f"dpo.packed={args.packed}",
         ])
         size = args.matmul_size or default_peak_size(device)
         peak_before = matmul_peak(device, size).flops_per_s
@@ -209,6 +228,9 @@ def main(argv=None) -> dict:
             "setup": {"pairs": len(rows), "pairs_per_step": per_step, "batch_size": args.batch_size,
                       "grad_accum": args.grad_accum, "steps": steps, "steps_timed": run.steps - skip,
                       "max_length": args.max_length, "reference": args.reference},
+            "packed": {"setting": args.packed, "used": use_packed(cfg, device)},
+            "pairs_per_s": round((len(rows) * ran_reference + len(timed) * per_step) / total_seconds, 2),
+            "train_pairs_per_s": round(len(timed) * per_step / train_seconds, 2),
             "tokens_per_s": round((ref_tokens + train_tokens) / total_seconds, 1),
             "train_tokens_per_s": round(train_tokens / train_seconds, 1),
             "reference_tokens_per_s": round(ref_tokens / ref_seconds, 1) if ref_seconds else None,
@@ -226,7 +248,7 @@ def main(argv=None) -> dict:
                 "train": round(real_t / max(1, pad_t), 4),
                 "reference": round(ref_tally["real"] / ref_tally["padded"], 4) if ran_reference else None,
             },
-            "mean_row_tokens": round(real_t / max(1, 2 * per_step * run.steps), 1),
+            "mean_pair_tokens": round(real_t / max(1, per_step * run.steps), 1),
             "wall_seconds_train_dpo": round(wall, 2),
             "phases_seconds": {k: round(v, 3) for k, v in run.phases.items()},
             "reference_status": run.reference,

@@ -206,6 +206,10 @@ class DPOConfig(TrainConfig):
     nll_weight: float = 0.0  # RPO: weight of the length-normalized NLL of the chosen completion
     dpop_lambda: float = 0.0  # DPO-Positive: weight of max(0, log pi_ref(y_w) - log pi(y_w)) in the sigmoid
     reference: Literal["precomputed", "online"] = "precomputed"
+    # true: one row per pair, prompt | chosen | rejected, the prompt computed once (a 4-D
+    # block mask; needs model.attn_implementation: sdpa); false: chosen and rejected rows;
+    # auto: packed where measured faster (CPU; see loops/dpo.use_packed)
+    packed: Union[Literal["auto"], bool] = "auto"
     adapter: Optional[str] = "auto"  # auto = the round's starting policy (round 1: checkpoints/sft_lora)
     pairs: Optional[str] = None  # None = the round's pair file (data/preferences.jsonl in round 1)
     output_name: str = "dpo_lora"  # round 1's adapter; round r writes <stem>_r<r>_lora

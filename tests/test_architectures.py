@@ -360,3 +360,36 @@ def test_dpo_steps_from_the_sft_adapter_lower_the_loss(family, sft_run):
     assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # the policy starts as its reference
     # log 2 down by 0.06-0.12 in three updates
     assert all(l < losses[0] for l in losses[1:]) and losses[-1] < losses[0] - 0.02, f"{family.name}: DPO {losses}"
+
+
+# --------------------------------------------------------------------------- packed DPO rows
+
+
+def test_packed_pairs_give_the_concatenated_log_probs(family, tokenizer):
+    """``prompt | chosen | rejected`` in one row (``dpo.packed``) scores each completion as
+    its own ``prompt | completion`` row does, with chosen and rejected of very different
+    lengths, with and without LoRA (dropout off: eval mode)."""
+    from peft import PeftModel
+
+    from looper.data.tokenize import PairEncoded
+    from looper.loops.dpo import pair_batch, pair_logps
+    from looper.models import load_base_model
+
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    long = ids("She has 9 - 6 = <<9-6=3>>3 stickers left, and then she buys 12 more, so 3 + 12 = 15.\n#### 15")
+    pairs = [
+        PairEncoded([tokenizer.bos_token_id] + ids(PROMPT.format(q="Tom has 3 apples.")), ids("#### 7"), long, False),
+        PairEncoded([tokenizer.bos_token_id] + ids(PROMPT.format(q="A box holds 5 pens. How many in 2 boxes?")),
+                    long, ids("5"), False),
+        PairEncoded(ids("Q: 2 + 2?"), ids("4"), ids("5"), False),  # no BOS, one-token completions
+    ]
+    adapter = random_adapter(family.dir, family.root / "packed_adapter", seed=5)
+    base = load_base_model(str(family.dir)).eval()
+    for model in (base, PeftModel.from_pretrained(load_base_model(str(family.dir)), str(adapter)).eval()):
+        with torch.no_grad():
+            plain = pair_logps(model, pair_batch(pairs, tokenizer.pad_token_id, False, "cpu"), len(pairs))
+            packed = pair_logps(model, pair_batch(pairs, tokenizer.pad_token_id, True, "cpu"), len(pairs))
+        for a, b in zip(plain, packed):
+            # 1e-5, plus 1e-6 relative for the long sums: fp32's step at 400 nats is 3e-5
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-5), f"{family.name}: {a.tolist()} vs {b.tolist()}"
+        assert plain[0].abs().min() > 1  # real log-probs, not zeros

@@ -687,3 +687,54 @@ for overrides in {json.dumps([two, two_online])}:
     cfg2o = dpo_cfg(tmp_path / "w2_online", "model.dtype=bfloat16", dpo__grad_accum=1, dpo__reference="online", **kw)
     assert_metrics_close(m1, metrics(cfg2o), rel=BF16_TOL, abs_=2e-3, volatile=VOLATILE_BF16)
     assert all(v.dtype == torch.float32 for v in adapter_tensors(out_dir(cfg2o)).values())
+
+
+# --------------------------------------------------------------------------- packed pairs
+
+
+def test_packed_rows_give_the_same_trajectory_on_one_and_two_ranks(dpo_overrides, dpo_cfg, tmp_path):
+    """``dpo.packed`` (prompt | chosen | rejected in one row) against the concatenated rows:
+    the same losses, metrics, reference log-probs and adapter within fp32 tolerance, on one
+    rank and on two (the adapter has no LoRA dropout: a packed row draws other masks)."""
+    common = dict(dpo__max_steps=4, dpo__lr=3e-3, dpo__warmup_steps=1, dpo__val_size=4, dpo__eval_every=2,
+                  dpo__batch_size=2)
+    packed2 = dpo_overrides(tmp_path / "packed2", dpo__grad_accum=1, dpo__packed=True, **common)
+    run_torchrun(
+        f"""
+        from looper.config import load_config
+        from looper.loops.dpo import train_dpo
+        train_dpo(load_config(None, {json.dumps(packed2)}))
+        """,
+        workdir=tmp_path,
+    )
+    plain = dpo_cfg(tmp_path / "plain1", dpo__grad_accum=2, dpo__packed=False, **common)
+    packed = dpo_cfg(tmp_path / "packed1", dpo__grad_accum=2, dpo__packed=True, **common)
+    for cfg in (plain, packed):
+        train_dpo(cfg)
+    two = dpo_cfg(tmp_path / "packed2", dpo__grad_accum=1, dpo__packed=True, **common)
+    m_plain, m_packed, m_two = metrics(plain), metrics(packed), metrics(two)
+    assert len(m_plain) == 4 and all("eval/loss" in r for r in m_plain[1::2])
+    assert [r["step"] for r in m_packed] == [1, 2, 3, 4]
+    assert_metrics_close(m_plain, m_packed, rel=1e-5, abs_=1e-5, volatile=("tokens", "tokens_per_s"))
+    assert_metrics_close(m_packed, m_two, rel=1e-5, abs_=1e-5, volatile=("tokens_per_s",))
+    # packing computes each prompt once: fewer positions for the same pairs
+    assert all(p["tokens"] < c["tokens"] for p, c in zip(m_packed, m_plain))
+    (c_plain,), (c_packed,) = cache_files(plain), cache_files(packed)
+    assert Path(c_plain).name != Path(c_packed).name  # keyed apart: computed in another order
+    torch.testing.assert_close(load_file(c_plain)["logps"], load_file(c_packed)["logps"], rtol=1e-6, atol=1e-5)
+    assert_tensors_close(adapter_tensors(out_dir(plain)), adapter_tensors(out_dir(packed)), rel=1e-4, what="packed adapter")
+    assert_tensors_close(adapter_tensors(out_dir(packed)), adapter_tensors(out_dir(two)), rel=1e-4, what="2-rank packed adapter")
+
+
+def test_packed_rows_need_sdpa_and_auto_packs_on_cpu(dpo_cfg, tmp_path):
+    import torch as _torch
+
+    from looper.loops.dpo import use_packed
+
+    with pytest.raises(ConfigError, match="dpo.packed needs model.attn_implementation: sdpa"):
+        train_dpo(dpo_cfg(tmp_path / "run", dpo__packed=True, model__attn_implementation="eager"))
+    cpu, cuda = _torch.device("cpu"), _torch.device("cuda")
+    assert use_packed(dpo_cfg(tmp_path / "a"), cpu) is True  # the default, auto
+    assert use_packed(dpo_cfg(tmp_path / "a"), cuda) is False  # not measured on GPU yet
+    assert use_packed(dpo_cfg(tmp_path / "a", model__attn_implementation="eager"), cpu) is False
+    assert use_packed(dpo_cfg(tmp_path / "a", dpo__packed=False), cpu) is False

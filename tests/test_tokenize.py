@@ -287,3 +287,25 @@ def test_micro_batches_too_small_dataset():
     with pytest.raises(DataError, match="cannot fill one optimizer step"):
         MicroBatches([10] * 3, batch_size=4, per_step=1, seed=0)
     assert MicroBatches([10] * 8, batch_size=4, per_step=2, seed=0).steps_per_epoch == 1
+
+
+def test_packed_pairs_layout_by_hand():
+    from looper.data.tokenize import PairEncoded, collate_packed_pairs
+
+    # prompt [1, 2], chosen [3, 4, 5], rejected [6]; and prompt [7], chosen [8], rejected [9, 10]
+    b = collate_packed_pairs([PairEncoded([1, 2], [3, 4, 5], [6], False), PairEncoded([7], [8], [9, 10], False)], 0)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 0, 0]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2], [0, 1, 1, 2, 0, 0]]  # rejected restarts after the prompt
+    m = b["attention_mask"][:, 0].int().tolist()
+    assert m[0] == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0],
+                    [1, 1, 0, 0, 0, 1]]  # the rejected token sees the prompt and itself, not the chosen tokens
+    assert m[1] == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0], [1, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 0],
+                    [0, 0, 0, 0, 0, 1]]  # padding sees only itself
+    # chosen tokens are predicted from the position before them; the first rejected token
+    # from the last prompt position (row 0: position 1; row 1: position 6 + 0)
+    assert b["source"].tolist() == [1, 2, 3, 1, 6, 6, 8]
+    assert b["target"].tolist() == [3, 4, 5, 6, 8, 9, 10]
+    assert b["segment"].tolist() == [0, 0, 0, 2, 1, 3, 3]
+    assert b["chosen_tokens"].tolist() == [3, 1] and int(b["real_tokens"]) == 10
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        collate_packed_pairs([PairEncoded([], [1], [2], False)], 0)

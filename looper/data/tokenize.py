@@ -230,6 +230,55 @@ def encode_pair(
     return PairEncoded(p2, c[:room], r[:room], truncated)
 
 
+def collate_packed_pairs(pairs: Sequence[PairEncoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """One row per pair, ``prompt | chosen | rejected``: the prompt is computed once.
+
+    - ``position_ids`` restart at the end of the prompt for the rejected segment, so it
+      sits at the positions it has after the prompt alone;
+    - ``attention_mask`` is a 4-D boolean ``[B, 1, T, T]`` (True: may attend): causal,
+      except that rejected tokens never see chosen ones; padding positions see only
+      themselves (no empty softmax row);
+    - the scored tokens are listed explicitly (``packed_sequence_logps``): ``source`` is
+      the flat position ``b * T + t`` of the logits that predict ``target``, ``segment`` is
+      ``b`` for chosen and ``B + b`` for rejected tokens. The first rejected token is
+      predicted from the last prompt position, as in a ``prompt | rejected`` row.
+
+    Also ``chosen_tokens`` ``[B]`` (the NLL term's lengths) and ``real_tokens`` (the
+    positions that are not padding). Every pair needs a non-empty prompt.
+    """
+    rows = [p.prompt_ids + p.chosen_ids + p.rejected_ids for p in pairs]
+    b_n, width = len(pairs), max(map(len, rows))
+    ids = torch.full((b_n, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((b_n, width), dtype=torch.long)
+    mask = torch.zeros((b_n, 1, width, width), dtype=torch.bool)
+    source, target, segment = [], [], []
+    causal = torch.ones(width, width, dtype=torch.bool).tril_()
+    diag = torch.arange(width)
+    for b, (p, row) in enumerate(zip(pairs, rows)):
+        n_p, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        if n_p == 0:
+            raise ValueError("a packed pair needs a non-empty prompt (its last position predicts both completions)")
+        n = len(row)
+        ids[b, :n] = torch.tensor(row)
+        pos[b, : n_p + n_c] = torch.arange(n_p + n_c)
+        pos[b, n_p + n_c : n] = torch.arange(n_p, n_p + n_r)
+        mask[b, 0, :n, :n] = causal[:n, :n]
+        mask[b, 0, n_p + n_c : n, n_p : n_p + n_c] = False  # rejected never sees chosen
+        mask[b, 0, diag[n:], diag[n:]] = True  # padding: itself only
+        base = b * width
+        source += [base + n_p - 1 + j for j in range(n_c)]
+        source += [base + (n_p - 1 if k == 0 else n_p + n_c + k - 1) for k in range(n_r)]
+        target += p.chosen_ids + p.rejected_ids
+        segment += [b] * n_c + [b_n + b] * n_r
+    return {
+        "input_ids": ids, "attention_mask": mask, "position_ids": pos,
+        "source": torch.tensor(source, dtype=torch.long), "target": torch.tensor(target, dtype=torch.long),
+        "segment": torch.tensor(segment, dtype=torch.long),
+        "chosen_tokens": torch.tensor([len(p.chosen_ids) for p in pairs], dtype=torch.long),
+        "real_tokens": torch.tensor(sum(map(len, rows))),
+    }
+
+
 def collate_pairs(pairs: Sequence[PairEncoded], pad_id: int) -> dict[str, torch.Tensor]:
     """One concatenated batch: rows ``0..B-1`` are chosen, ``B..2B-1`` rejected."""
     rows = [Encoded(p.prompt_ids + p.chosen_ids, [IGNORE_INDEX] * len(p.prompt_ids) + p.chosen_ids, len(p.prompt_ids), p.truncated) for p in pairs]

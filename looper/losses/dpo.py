@@ -38,10 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from looper.losses.sft import shifted_token_logps
+from looper.losses.sft import row_token_logps, shifted_token_logps
 
 __all__ = [
     "sequence_logps",
+    "packed_sequence_logps",
     "num_completion_tokens",
     "dpo_loss",
     "dpop_penalty",
@@ -73,6 +74,24 @@ def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> 
     token_logps, rows = shifted_token_logps(logits, labels, ignore_index)
     out = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=token_logps.device)
     return out.index_add(0, rows, token_logps)
+
+
+def packed_sequence_logps(logits: Tensor, source: Tensor, targets: Tensor, segments: Tensor, n: int) -> Tensor:
+    """Summed log-probs of ``n`` segments scored inside packed rows.
+
+    For rows that hold several completions after one prompt (``prompt | chosen |
+    rejected``), the position that predicts a token is not always the one before it: the
+    first rejected token is predicted from the last prompt position. So the scored
+    positions are given explicitly: token ``i`` is ``targets[i]``, predicted by the logits
+    at flat position ``source[i]`` of ``logits.reshape(-1, V)``, and counted in segment
+    ``segments[i]``. Arithmetic in fp32 (fp64 stays fp64), as in :func:`sequence_logps`.
+
+    Returns ``[n]``: 0 for a segment with no token; differentiable in ``logits``.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    token_logps = row_token_logps(flat.index_select(0, source), targets)
+    out = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device)
+    return out.index_add(0, segments, token_logps)
 
 
 def num_completion_tokens(labels: Tensor, ignore_index: int = -100) -> Tensor:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["masked_cross_entropy", "shifted_token_logps"]
+__all__ = ["masked_cross_entropy", "shifted_token_logps", "row_token_logps"]
 
 # Upper bound on the number of elements of one fp32 working chunk (64 Mi
 # elements, 256 MiB). With a 32k vocabulary this is about 2k rows at once.
@@ -132,6 +132,14 @@ def shifted_token_logps(
     selected = flat.index_select(0, rows * logits.shape[1] + cols)
     token_logps = _RowTokenLogProbs.apply(selected, target_ids)
     return token_logps, rows
+
+
+def row_token_logps(rows: Tensor, targets: Tensor) -> Tensor:
+    """``log_softmax(rows[i])[targets[i]]`` for ``rows`` ``[N, V]`` (already the positions
+    that predict ``targets`` ``[N]``), in fp32 or wider, chunked; differentiable in ``rows``."""
+    if rows.dim() != 2 or targets.shape != rows.shape[:1]:
+        raise ValueError(f"rows must be [N, V] and targets [N], got {tuple(rows.shape)} and {tuple(targets.shape)}")
+    return _RowTokenLogProbs.apply(rows, targets.long())
 
 
 def masked_cross_entropy(
