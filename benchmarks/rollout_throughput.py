@@ -206,22 +206,36 @@ def main(argv=None) -> dict:
     device = pick_device(args.device)
     source, data_note = data_source()
     model_dir = ensure_model(args.model_dir, source)
+    # under torchrun (``torchrun --nproc_per_node 2 ... --work-dir W``) every rank runs this
+    # script; the stage shards the questions, rank 0 makes the adapter, replays and prints
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and args.work_dir is None:
+        raise SystemExit("rollout_throughput.py under torchrun needs --work-dir (one folder for every rank)")
     work = args.work_dir or tempfile.mkdtemp(prefix="looper-bench-rollout-")
     os.makedirs(work, exist_ok=True)
     try:
         adapter = os.path.join(work, "sft_lora")
-        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        ready = adapter + ".ready"
+        if rank == 0 and not os.path.isfile(ready):
             make_adapter(model_dir, adapter, args.lora_r)
+            open(ready, "w").close()
+        deadline = time.time() + 600
+        while not os.path.isfile(ready):  # other ranks: until rank 0's adapter is complete
+            if time.time() > deadline:
+                raise SystemExit(f"rank {rank}: no adapter at {adapter} after 600 s")
+            time.sleep(0.2)
 
         # warm-up (allocator, thread pool, kernels) on a tiny run in its own folder
         warm_out = os.path.join(work, "warmup")
-        shutil.rmtree(warm_out, ignore_errors=True)
+        if rank == 0:  # the other ranks wait for rank 0 in the stage's process-group set-up
+            shutil.rmtree(warm_out, ignore_errors=True)
         with contextlib.redirect_stdout(sys.stderr):  # stdout holds only the JSON
             collect_rollouts(stage_config(args, model_dir, adapter, warm_out, source,
                                                   questions=2, k=2, generation={"max_new_tokens": 4}))
 
         out = os.path.join(work, "run")
-        shutil.rmtree(out, ignore_errors=True)  # a fresh folder: a leftover file would be resumed, not rerun
+        if rank == 0:  # a fresh folder: a leftover file would be resumed, not rerun
+            shutil.rmtree(out, ignore_errors=True)
         cfg = stage_config(args, model_dir, adapter, out, source)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -230,10 +244,12 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             summary = collect_rollouts(cfg)
             stage_s = time.perf_counter() - t0
-        records = read_jsonl(RunLayout.of(cfg).rollouts())
+        records = read_jsonl(RunLayout.of(cfg).rollouts()) if rank == 0 else []
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
+    if rank != 0:
+        return {}
 
     timer = ScoringReplay().run(records, cfg.regime_w)  # after the stage: not in its times or memory
     if not timer.matches:
@@ -253,6 +269,7 @@ def main(argv=None) -> dict:
         memory["peak_cuda_allocated_mib_stage"] = mib(torch.cuda.max_memory_allocated(device))
     result = {
         "device": str(device),
+        "ranks": world,
         "threads": torch.get_num_threads(),
         "model": {"path": model_dir, **{k: BENCH_TINY.__dict__[k]
                                         for k in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size")},
@@ -293,4 +310,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     res = main()
-    sys.exit(0 if res["scoring"]["ok"] and res["scoring"]["replay_matches_file"] else 1)
+    sys.exit(0 if not res or (res["scoring"]["ok"] and res["scoring"]["replay_matches_file"]) else 1)

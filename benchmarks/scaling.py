@@ -7,7 +7,9 @@ a base size (the size flag each benchmark has):
   16x the rows;
 - DPO: pairs (``dpo_throughput.py --pairs``; one epoch of 8-pair steps);
 - generation: questions (``generation_throughput.py --questions``; 8 samples, 256 tokens);
-- rollouts: questions (``rollout_throughput.py --questions``; K=8, 256 tokens, 1 thread).
+- rollouts: questions (``rollout_throughput.py --questions``; K=8, 256 tokens, 1 thread),
+  and at the largest size also on 2 ranks of 1 thread each (``torchrun --nproc_per_node 2``),
+  against the same work on 1 rank.
 
 For each it prints the throughput (tokens/s; trajectories/s for rollouts) and MFU where the
 benchmark measures it, and ``throughput_ratio_largest_to_smallest``; a stage whose
@@ -43,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--factors", default="1,4,16")
     p.add_argument("--threads", type=int, default=2, help="threads of the SFT, DPO and generation runs (rollouts: 1)")
     p.add_argument("--tolerance", type=float, default=0.10, help="allowed fall of throughput, as a fraction")
+    p.add_argument("--no-ranks", action="store_true", help="skip the rollouts on 1 and 2 ranks")
     return p.parse_args(argv)
 
 
@@ -52,9 +55,19 @@ def _get(result: dict, dotted: str):
     return result
 
 
-def run(script: str, args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, os.path.join(HERE, script), *args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+def run(script: str, args: list[str], ranks: int = 1) -> dict:
+    cmd = [sys.executable, os.path.join(HERE, script), *args]
+    env = dict(os.environ)
+    if ranks > 1:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={port}",
+               *cmd[1:]]
+        env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     if proc.returncode not in (0, 1):  # rollout_throughput exits 1 when scoring is too slow: still a result
         sys.stderr.write(proc.stderr[-3000:])
         raise SystemExit(f"{script} {' '.join(args)} failed with exit code {proc.returncode}")
@@ -78,6 +91,19 @@ def main(argv=None) -> dict:
                                 "throughput_ratio_largest_to_smallest": round(ratio, 3)}
         if ratio < 1 - args.tolerance:
             out["notes"].append(f"{stage}: throughput fell to {ratio:.2f}x from {rows[0]['size']} to {rows[-1]['size']}")
+        if stage == "rollouts" and not args.no_ranks:
+            import tempfile
+
+            size = base * factors[-1]
+            by_ranks = {}
+            with tempfile.TemporaryDirectory(prefix="looper-scaling-") as work:
+                for ranks in (1, 2):
+                    res = run(script, [flag, str(size), "--threads", "1", "--work-dir", work, *extra], ranks=ranks)
+                    by_ranks[ranks] = res[key]
+            out["stages"][stage]["ranks"] = {
+                "size": size, "threads_per_rank": 1, "trajectories_per_s": by_ranks,
+                "two_over_one": round(by_ranks[2] / by_ranks[1], 3),
+            }
     print(json.dumps(out, indent=2))
     return out
 
