@@ -20,7 +20,8 @@ What it does, in order (each part is one function below):
    the JSON gives its position and the HF logit gap between the two tokens there.
 6. ``run_benchmarks``: the four ``benchmarks/*.py`` scripts as subprocesses with
    ``--device cuda`` (cpu in the dry run), short settings and ``--model-dir`` the model of
-   step 2; their JSON is captured whole.
+   step 2; their JSON is captured whole. DPO runs twice, on concatenated and on packed rows
+   (``--packed false`` / ``true``), which decides what ``dpo.packed: auto`` should do on GPU.
 
 Every part runs even when an earlier one failed (as far as its inputs exist); the summary
 names the failed parts in ``failed`` and the exit status is 1 if any failed. Without CUDA
@@ -66,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run the same flow on CPU with a tiny fp32 model (hidden 64, 2 layers), 2 steps each")
     p.add_argument("--steps", type=int, default=None, help="SFT and DPO optimizer steps (default 6 GPU, 2 CPU)")
     p.add_argument("--work-dir", default=None, help="folder for the model and runs (default: a temporary one, removed)")
-    p.add_argument("--skip-benchmarks", action="store_true", help="leave out part (d), the four benchmark scripts")
+    p.add_argument("--skip-benchmarks", action="store_true", help="leave out part (d), the benchmark scripts")
     p.add_argument("--bench-timeout", type=int, default=None, help="seconds per benchmark (default 100 GPU, 120 CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (dry run; default: torch's)")
     return p.parse_args(argv)
@@ -419,18 +420,20 @@ def check_generation(model_dir: str, device: torch.device, s: dict) -> dict:
 
 
 def benchmark_commands(model_dir: str, s: dict, threads: int | None) -> dict[str, list[str]]:
-    """Short settings of the four benchmarks, on the model built above."""
+    """Short settings of the four benchmarks (DPO on concatenated and on packed rows), on the model built above."""
     gpu = s["device"] == "cuda"
     common = ["--device", s["device"], "--model-dir", model_dir]
     if threads:
         common += ["--threads", str(threads)]
     tokens = "64" if gpu else "8"
+    dpo = common + ["--pairs", "64" if gpu else "8", "--batch-size", "8" if gpu else "2", "--steps", "5" if gpu else "2",
+                    "--skip-steps", "1", "--max-length", "512" if gpu else "128"]
     return {
         "sft_throughput": common + ["--steps", "4" if gpu else "2", "--warmup", "1", "--batch-size",
                                     "16" if gpu else "4", "--max-length", "512" if gpu else "128"],
-        "dpo_throughput": common + ["--pairs", "64" if gpu else "8", "--batch-size", "8" if gpu else "2",
-                                    "--steps", "5" if gpu else "2", "--skip-steps", "1",
-                                    "--max-length", "512" if gpu else "128"],
+        "dpo_throughput": dpo + ["--packed", "false"],
+        # dpo.packed: auto keeps concatenated rows on GPU until this pair of runs says otherwise
+        "dpo_throughput_packed": dpo + ["--packed", "true"],
         "generation_throughput": common + ["--questions", "32" if gpu else "4", "--samples", "4" if gpu else "2",
                                            "--new-tokens", tokens, "--rounds", "1", "--batch-size", "128"],
         "rollout_throughput": common + ["--questions", "16" if gpu else "4", "--k", "4" if gpu else "2",
@@ -440,7 +443,8 @@ def benchmark_commands(model_dir: str, s: dict, threads: int | None) -> dict[str
 
 def run_benchmark(name: str, args: list[str], timeout: int) -> dict:
     """One benchmark as a subprocess; its stdout must be one JSON object."""
-    cmd = [sys.executable, os.path.join(REPO, "benchmarks", f"{name}.py")] + args
+    script = name.removesuffix("_packed")  # dpo_throughput_packed: dpo_throughput --packed true
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", f"{script}.py")] + args
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
@@ -467,8 +471,8 @@ def bench_summary(bench: dict) -> dict:
     pick = {
         "sft_throughput": lambda r: {"tokens_per_s": r.get("tokens_per_s"), "mfu": r.get("mfu"),
                                      "peak_memory_mib": (r.get("peak_memory_bytes") or 0) / 2**20},
-        "dpo_throughput": lambda r: {"tokens_per_s": r.get("tokens_per_s"), "mfu": r.get("mfu"),
-                                     "peak_memory": r.get("peak_memory")},
+        "dpo_throughput": lambda r: {"pairs_per_s": r.get("pairs_per_s"), "tokens_per_s": r.get("tokens_per_s"),
+                                     "mfu": r.get("mfu"), "peak_memory": r.get("peak_memory")},
         "generation_throughput": lambda r: {"engine_tokens_per_s": (r.get("engine") or {}).get("tokens_per_s"),
                                             "hf_tokens_per_s": (r.get("baseline_hf_generate") or {}).get("tokens_per_s"),
                                             "speedup": r.get("speedup_tokens_per_s"), "peak_memory": r.get("peak_memory")},
@@ -478,7 +482,7 @@ def bench_summary(bench: dict) -> dict:
     out = {}
     for name, b in bench.items():
         try:
-            out[name] = pick[name](b["result"]) if "result" in b else None
+            out[name] = pick[name.removesuffix("_packed")](b["result"]) if "result" in b else None
         except Exception as e:  # a changed JSON layout: keep the check going
             out[name] = {"error": repr(e)}
     return out

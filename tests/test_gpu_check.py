@@ -40,5 +40,8 @@ def test_dry_run_cpu_runs_every_part():
     assert out["engine_matches_hf_generate"] is True
     for part in ("sft", "dpo"):
         assert out[part]["tokens_per_s"] > 0 and out[part]["mfu"] > 0
-    assert set(out["benchmarks"]) == {"sft_throughput", "dpo_throughput", "generation_throughput", "rollout_throughput"}
+    assert set(out["benchmarks"]) == {"sft_throughput", "dpo_throughput", "dpo_throughput_packed",
+                                      "generation_throughput", "rollout_throughput"}
+    assert out["benchmarks"]["dpo_throughput_packed"]["result"]["packed"] == {"setting": "true", "used": True}
+    assert out["benchmarks"]["dpo_throughput"]["result"]["packed"]["used"] is False
     assert all(b["ok"] and "result" in b for b in out["benchmarks"].values())
