@@ -143,18 +143,18 @@ def replay(cfg: Config, n_steps: int) -> tuple[dict[str, int], list[dict[str, in
     """The reference pass's ``tally`` and one per training step, rebuilt from the same pairs
     and schedule as ``train_dpo`` on one rank (no resume)."""
     t = cfg.dpo
+    packed = use_packed(cfg, pick_device(cfg.run.device))  # as train_dpo decides it
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model)
     examples, _, _ = load_pairs(t.pairs, tokenizer, cfg.data.max_length, cfg.data.truncation)
     # the reference pass: every pair once, in batches of batch_size over pairs sorted by (length, index)
     order = sorted(range(len(examples)), key=lambda i: (examples[i].length, i))
     reference = tally([[examples[i] for i in order[k : k + t.batch_size]] for k in range(0, len(order), t.batch_size)],
-                      use_packed(cfg, pick_device(cfg.run.device)))
+                      packed)
     # the training steps: the length-grouped schedule over the pairs left after the held-out split
     train_idx, _ = split_val(list(range(len(examples))), t.val_size, cfg.run.seed, "dpo.val_size")
     train = [examples[i] for i in train_idx]
     schedule = MicroBatches([e.length for e in train], t.batch_size, t.grad_accum, t.seed)
-    steps = [tally([[train[i] for i in mb] for mb in schedule.step(s)], use_packed(cfg, pick_device(cfg.run.device)))
-             for s in range(n_steps)]
+    steps = [tally([[train[i] for i in mb] for mb in schedule.step(s)], packed) for s in range(n_steps)]
     return reference, steps
 
 

@@ -24,8 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -59,8 +61,6 @@ def run(script: str, args: list[str], ranks: int = 1) -> dict:
     cmd = [sys.executable, os.path.join(HERE, script), *args]
     env = dict(os.environ)
     if ranks > 1:
-        import socket
-
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
@@ -92,8 +92,6 @@ def main(argv=None) -> dict:
         if ratio < 1 - args.tolerance:
             out["notes"].append(f"{stage}: throughput fell to {ratio:.2f}x from {rows[0]['size']} to {rows[-1]['size']}")
         if stage == "rollouts" and not args.no_ranks:
-            import tempfile
-
             size = base * factors[-1]
             by_ranks = {}
             with tempfile.TemporaryDirectory(prefix="looper-scaling-") as work:
