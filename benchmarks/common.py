@@ -92,7 +92,7 @@ def matmul_params(model_dir: str, lora_r: int | None) -> dict:
     """Parameters that take part in matmuls (no embeddings), counted on a meta-device model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from looper.loops.common import accepts_logits_to_keep
+    from looper.loops.common import keeps_logits_by_mask
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
@@ -110,7 +110,7 @@ def matmul_params(model_dir: str, lora_r: int | None) -> dict:
         "decoder_linear": body, "lm_head": head, "lora": lora,
         "N": body + head + lora, "all_params_incl_embeddings": sum(p.numel() for p in model.parameters()),
         "layers": config.num_hidden_layers, "hidden": config.hidden_size,
-        "head_trimmed": accepts_logits_to_keep(model),
+        "head_on_scored_only": keeps_logits_by_mask(model),
     }
 
 

@@ -96,8 +96,8 @@ def step_flops(micro: list[list[tuple[int, int]]], n: dict, full: bool, kind: st
     """Training FLOPs of one optimizer step; ``micro`` = micro-batches of (length, prompt_len).
 
     kind "model": real tokens, LM head on every token (the usual convention);
-    "executed": real tokens, LM head only where the loop runs it (from the first scored
-    position of the micro-batch on); "padded": "executed" plus the padded positions.
+    "executed": real tokens, LM head only where the loop runs it (on the positions that
+    predict a completion token); "padded": "executed" plus the padded positions.
     """
     body_tok = 2 * (n["decoder_linear"] + n["lora"])  # forward
     body_tok += 4 * n["decoder_linear"] if full else 2 * n["decoder_linear"] + 4 * n["lora"]  # backward
@@ -106,10 +106,10 @@ def step_flops(micro: list[list[tuple[int, int]]], n: dict, full: bool, kind: st
     total = 0.0
     for mb in micro:
         width = max(t for t, _ in mb)
-        first = min(p for _, p in mb) - 1 if (n["head_trimmed"] and kind != "model") else 0
-        for t, _ in mb:
+        for t, p in mb:
+            head_rows = t - p if (n["head_on_scored_only"] and kind != "model") else t
             t = width if kind == "padded" else t
-            total += body_tok * t + head_tok * max(0, t - first) + attn(t)
+            total += body_tok * t + head_tok * head_rows + attn(t)
     return total
 
 
@@ -189,7 +189,7 @@ def main(argv=None) -> dict:
             "N = decoder linear weights + lm_head + LoRA A/B (no embeddings); per token fwd 2N, bwd 2N for frozen "
             "weights and 4N for trainable ones; plus causal attention 2*L*d*n(n+1) fwd per row of n tokens, x3 "
             "with bwd. mfu: real tokens, LM head on every token (the usual convention). mfu_executed: the LM head "
-            "only where the loop runs it (it skips each micro-batch's shared prompt prefix). mfu_incl_padding: "
+            "only where the loop runs it (on the positions that predict a completion token). mfu_incl_padding: "
             "executed work including padded positions"
         ),
         "model_flops_per_token": flops["model"] / real,

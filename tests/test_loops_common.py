@@ -1,11 +1,13 @@
 """looper.loops.common: the schedule, held-out splits, evaluation shards, the finite check
-and the choice of resume state, with hand-derived values."""
+and the choice of resume state, with hand-derived values; the forward that runs the LM
+head on scored positions only, against full logits."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 
 from looper.config import ConfigError, TrainConfig
 from looper.io import DataError
@@ -62,3 +64,100 @@ def test_resume_point_none_auto_and_explicit(tmp_path):
     assert resume_point(TrainConfig(resume="auto"), str(tmp_path / "absent"), identity, "sft") is None
     with pytest.raises(ConfigError, match="not a resume state"):
         resume_point(TrainConfig(resume=str(tmp_path)), str(tmp_path), identity, "sft")
+
+
+# --------------------------------------------------------------------------- scored logits
+
+
+def _ragged_batch():
+    from looper.data.tokenize import Encoded, collate
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n, p in [(20, 7), (14, 5), (25, 11)]:
+        ids = torch.randint(4, 200, (n,), generator=g).tolist()
+        rows.append(Encoded(ids, [-100] * p + ids[p:], p, False))
+    return rows, collate(rows, pad_id=3)
+
+
+def _lora_model(tiny_model_dir):
+    from looper.config import LoraConfig
+    from looper.models import attach_lora, load_base_model
+
+    torch.manual_seed(0)
+    model = attach_lora(load_base_model(str(tiny_model_dir)), LoraConfig(r=4))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # a non-zero adapter, so its gradients are not trivially zero
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def test_the_lm_head_runs_on_scored_positions_only(tiny_model_dir):
+    """scored_token_logps runs the LM head on the N completion-token predictors, nothing
+    else, and gives the loss and LoRA gradients of masked_cross_entropy on full logits."""
+    from looper.losses.sft import masked_cross_entropy
+    from looper.loops.common import keeps_logits_by_mask, scored_token_logps
+
+    rows, batch = _ragged_batch()
+    n_scored = sum(len(e.input_ids) - e.prompt_len for e in rows)
+    model = _lora_model(tiny_model_dir)
+    assert keeps_logits_by_mask(model)
+    seen = []
+    head = model.get_base_model().lm_head
+    hook = head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    token_logps, row_of = scored_token_logps(model, batch)
+    hook.remove()
+    assert seen == [(n_scored, head.in_features)]
+    assert row_of.tolist() == sum(([i] * (len(e.input_ids) - e.prompt_len) for i, e in enumerate(rows)), [])
+    (-token_logps.sum()).backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    s, n = masked_cross_entropy(full, batch["labels"])
+    s.backward()
+    assert int(n) == n_scored
+    assert (-token_logps.sum()).item() == pytest.approx(s.item(), rel=1e-6)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(ours[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_model_without_mask_slicing_gets_full_logits_then_the_mask(tiny_model_dir, monkeypatch):
+    """A model whose forward does not slice by a boolean mask is never given one: the full
+    logits are computed and the scored rows taken from them, with the same result."""
+    from looper.loops import common
+
+    rows, batch = _ragged_batch()
+    model = _lora_model(tiny_model_dir)
+    with torch.no_grad():
+        fast, row_of = common.scored_token_logps(model, batch)
+        monkeypatch.setattr(common, "keeps_logits_by_mask", lambda m: False)
+        seen = []
+        head = model.get_base_model().lm_head
+        hook = head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+        slow, row_of_slow = common.scored_token_logps(model, batch)
+        hook.remove()
+    assert seen == [tuple(batch["input_ids"].shape) + (head.in_features,)]
+    torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
+    assert torch.equal(row_of, row_of_slow)
+
+
+def test_mask_slicing_is_detected_from_the_forward():
+    from looper.loops.common import _logits_to_keep_support
+
+    class Plain(torch.nn.Module):
+        def forward(self, input_ids):
+            return input_ids
+
+    class OwnSlicing(torch.nn.Module):
+        def forward(self, input_ids, logits_to_keep=0):
+            return input_ids[:, -logits_to_keep:]
+
+    assert _logits_to_keep_support(Plain) == (False, False)
+    assert _logits_to_keep_support(OwnSlicing) == (True, False)
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+
+    assert _logits_to_keep_support(LlamaForCausalLM) == _logits_to_keep_support(Qwen2ForCausalLM) == (True, True)
+
+

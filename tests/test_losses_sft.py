@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from looper.losses import sft as sft_mod
-from looper.losses.sft import masked_cross_entropy, shifted_token_logps
+from looper.losses.sft import masked_cross_entropy, row_token_logps, shifted_token_logps
 
 
 def naive_loss_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
@@ -228,3 +228,41 @@ def test_bad_inputs_raise():
         masked_cross_entropy(torch.randn(1, 3, 4), torch.tensor([[0, 4, 1]]))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         masked_cross_entropy(torch.randn(1, 3, 4), torch.tensor([[0, -1, 1]]))
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_token_logps_with_shared_rows_matches_log_softmax(monkeypatch, chunk_rows, dtype):
+    """Rows that predict several tokens (a packed prompt's last position) are normalized
+    once; values and gradients equal a naive log_softmax over gathered rows, chunked or not,
+    and a row no token uses gets a zero gradient."""
+    from looper.losses import sft as sft_mod
+
+    V = 11
+    if chunk_rows:
+        monkeypatch.setattr(sft_mod, "_CHUNK_ELEMENTS", chunk_rows * V)  # ragged last chunk of 5 rows
+    g = torch.Generator().manual_seed(3)
+    rows = (torch.randn(5, V, generator=g) * 3).to(dtype)
+    index = torch.tensor([0, 1, 1, 3, 4, 4, 4])  # row 2 predicts nothing
+    targets = torch.tensor([2, 5, 7, 0, 10, 1, 10])
+    weights = torch.randn(7, generator=g)
+
+    x = rows.clone().requires_grad_(True)
+    out = row_token_logps(x, targets, index)
+    assert out.dtype == torch.float32
+    (out * weights).sum().backward()
+
+    ref_x = rows.clone().requires_grad_(True)
+    ref = torch.log_softmax(ref_x.float()[index], dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(x.grad, ref_x.grad, **tol)
+    assert x.grad.dtype == dtype and torch.count_nonzero(x.grad[2]) == 0
+
+
+def test_row_token_logps_checks_shapes():
+    with pytest.raises(ValueError, match="one target per row"):
+        row_token_logps(torch.randn(3, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="same shape"):
+        row_token_logps(torch.randn(3, 4), torch.tensor([0, 1]), torch.tensor([0]))

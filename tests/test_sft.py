@@ -179,7 +179,7 @@ def test_killed_run_resumes_to_the_same_adapter_and_optimizer_state(micro_overri
     cfg_k = micro_cfg(killed_dir, **settings)
     stall_step = 10
     overrides = micro_overrides(killed_dir, **settings)
-    proc = kill_training_run(tmp_path, "looper.loops.sft", "masked_cross_entropy", "train_sft", overrides,
+    proc = kill_training_run(tmp_path, "looper.loops.sft", "scored_token_logps", "train_sft", overrides,
                              stall_call=(stall_step - 1) * 2 + 1)
     assert proc.returncode == -signal.SIGKILL
 
@@ -323,35 +323,6 @@ def test_four_microbatches_of_one_equal_one_batch_of_four(micro_cfg, tmp_path, m
     assert m4[0]["loss"] == pytest.approx((s / n).item(), rel=1e-5)
 
 
-def test_lm_head_skips_only_the_shared_prompt_prefix(tiny_model_dir):
-    """The loop's forward runs the LM head from the first scored position on; same loss."""
-    from looper.data.tokenize import Encoded, collate
-    from looper.losses.sft import masked_cross_entropy
-    from looper.loops.common import accepts_logits_to_keep, loss_logits
-    from looper.models import attach_lora, load_base_model
-    from looper.config import LoraConfig
-
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for n, p in [(20, 7), (14, 5), (25, 11)]:
-        ids = torch.randint(4, 200, (n,), generator=g).tolist()
-        rows.append(Encoded(ids, [-100] * p + ids[p:], p, False))
-    batch = collate(rows, pad_id=3)
-    model = attach_lora(load_base_model(str(tiny_model_dir)), LoraConfig(r=4))
-    assert accepts_logits_to_keep(model)
-    with torch.no_grad():
-        logits, labels = loss_logits(model, batch, trim=True)
-        assert logits.shape[1] == labels.shape[1] == 25 - (5 - 1)  # from the first target's predictor
-        s, n = masked_cross_entropy(logits, labels)
-        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        s_full, n_full = masked_cross_entropy(full, batch["labels"])
-        torch.testing.assert_close(logits, full[:, 4:], rtol=1e-6, atol=1e-6)
-    assert int(n) == int(n_full) == sum(len(e.input_ids) - e.prompt_len for e in rows)
-    assert s.item() == pytest.approx(s_full.item(), rel=1e-6)
-    logits, labels = loss_logits(model, batch, trim=False)
-    assert logits.shape[1] == 25 and torch.equal(labels, batch["labels"])
-
-
 # --------------------------------------------------------------------------- it learns
 
 
@@ -483,15 +454,15 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(micro_cfg, t
     import looper.loops.sft as sft
 
     cfg = micro_cfg(tmp_path, sft__max_steps=6, sft__save_every=2)
-    real = sft.masked_cross_entropy
+    real = sft.scored_token_logps
     calls = [0]
 
-    def nan_from_step_3(logits, labels, ignore_index=-100):
+    def nan_from_step_3(model, batch):
         calls[0] += 1  # one call per step (grad_accum=1, no eval before the end)
-        s, n = real(logits, labels, ignore_index)
-        return (s * float("nan") if calls[0] >= 3 else s), n
+        token_logps, rows = real(model, batch)
+        return (token_logps * float("nan") if calls[0] >= 3 else token_logps), rows
 
-    monkeypatch.setattr(sft, "masked_cross_entropy", nan_from_step_3)
+    monkeypatch.setattr(sft, "scored_token_logps", nan_from_step_3)
     root = resume_root(cfg)
     with pytest.raises(FloatingPointError, match=r"step 3\b") as info:
         train_sft(cfg)
@@ -545,7 +516,7 @@ def test_a_killed_run_refuses_a_changed_lr_and_touches_nothing(micro_overrides, 
 
     settings = dict(sft__max_steps=6, sft__save_every=2, sft__lr=5e-3)
     out = tmp_path / "run"
-    proc = kill_training_run(tmp_path, "looper.loops.sft", "masked_cross_entropy", "train_sft",
+    proc = kill_training_run(tmp_path, "looper.loops.sft", "scored_token_logps", "train_sft",
                              micro_overrides(out, **settings), stall_call=5)  # mid step 5
     assert proc.returncode == -signal.SIGKILL
     cfg = micro_cfg(out, **settings)

@@ -18,6 +18,7 @@ import torch
 from looper import checkpoint, dist
 from looper.config import Config, ConfigError, LoraConfig, TrainConfig
 from looper.data.tokenize import IGNORE_INDEX, MicroBatches
+from looper.losses.sft import row_token_logps
 from looper.metrics import MetricsLog, Throughput, progress
 from looper.models import attach_lora, decoder_layers, load_adapter, load_base_model, load_tokenizer, quiet_transformers, resolve_dtype
 
@@ -134,34 +135,54 @@ def accepts_logits_to_keep(model) -> bool:
 
     Answered once per model class, so calling it at every forward costs nothing.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _forward_takes_logits_to_keep(type(base))
+    return _logits_to_keep_support(_base_class(model))[0]
+
+
+def keeps_logits_by_mask(model) -> bool:
+    """Whether ``logits_to_keep`` may be a boolean ``[B, T]`` mask: the model then runs its
+    LM head on the kept positions only and returns logits ``[N, V]``. Transformers' causal
+    LMs slice with ``slice_logits_to_keep``, which does this; a model with its own slicing
+    (remote code, older releases) is given no mask."""
+    return _logits_to_keep_support(_base_class(model))[1]
+
+
+def _base_class(model) -> type:
+    return type(model.get_base_model() if hasattr(model, "get_base_model") else model)
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_takes_logits_to_keep(cls: type) -> bool:
+def _logits_to_keep_support(cls: type) -> tuple[bool, bool]:
     try:
-        return "logits_to_keep" in inspect.signature(cls.forward).parameters
-    except (TypeError, ValueError):
-        return False
+        takes = "logits_to_keep" in inspect.signature(cls.forward).parameters
+        by_mask = takes and "slice_logits_to_keep(" in inspect.getsource(cls.forward)
+    except (TypeError, ValueError, OSError):
+        return False, False
+    return takes, by_mask
 
 
-def loss_logits(model, batch: dict, trim: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward pass; returns ``(logits, labels)`` aligned for ``masked_cross_entropy``.
+def scored_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
+    """One forward over ``batch`` (``input_ids``, ``attention_mask``, optional
+    ``position_ids``); returns the logits ``[N, V]`` of the positions where ``keep``
+    ``[B, T]`` is True, in row-major order. Where the model allows it
+    (``keeps_logits_by_mask``), the LM head runs on those positions only: prompt and
+    padding positions never reach the vocabulary projection, and no ``[B, T, V]`` tensor
+    is built."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if keeps_logits_by_mask(model):
+        return model(**inputs, logits_to_keep=keep).logits
+    return model(**inputs).logits[keep]
 
-    With ``trim``, the LM head runs only from the first position that predicts a target in
-    some row: the prompt prefix that every row of the batch shares never reaches the
-    vocabulary projection (about a quarter of the positions on GSM8K). Same loss, less
-    compute and less logits memory.
-    """
+
+def scored_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the scored tokens of ``batch`` (``labels[b, t + 1] !=
+    IGNORE_INDEX``, predicted at position ``t``) and the batch row of each, in row-major
+    order, from one forward (``scored_logits``). Returns ``(token_logps [N], rows [N])``;
+    differentiable in the model's parameters."""
     labels = batch["labels"]
-    first = 0
-    if trim:
-        scored = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
-        first = int(scored[0]) if len(scored) else 0
-    kw = {"logits_to_keep": labels.shape[1] - first} if first else {}
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw)
-    return out.logits, labels[:, first:]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    rows, cols = keep.nonzero(as_tuple=True)
+    return row_token_logps(scored_logits(model, batch, keep), labels[rows, cols + 1]), rows
 
 
 # --------------------------------------------------------------------------- the step skeleton

@@ -30,12 +30,10 @@ from looper.data import formats
 from looper.data.tokenize import PairEncoded, collate_packed_pairs, collate_pairs, encode_pair
 from looper.io import DataError, check_writable, iter_jsonl, sha256_files, write_atomic
 from looper.layout import RunLayout, holds_run_lock, resolve_adapter
-from looper.losses.dpo import (
-    dpo_loss, dpo_objective, num_completion_tokens, packed_sequence_logps, preference_metrics, sequence_logps,
-)
+from looper.losses.dpo import dpo_loss, dpo_objective, num_completion_tokens, packed_sequence_logps, preference_metrics
 from looper.loops.common import (
-    TrainLoop, TrainResult, accepts_logits_to_keep, build_policy, equal_shards,
-    loss_logits, resume_point, seed_everything, shard, split_val,
+    TrainLoop, TrainResult, build_policy, equal_shards, resume_point, scored_logits, scored_token_logps,
+    seed_everything, shard, split_val,
 )
 from looper.models import ensure_model, resolve_dtype
 
@@ -127,26 +125,22 @@ def pair_logps(model, batch: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def packed_logps(model, batch: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over ``prompt | chosen | rejected`` rows (``collate_packed_pairs``): the
-    prompt is computed once per pair. The LM head skips positions before the first one
-    that predicts a token in some row."""
-    width = batch["input_ids"].shape[1]
-    col = batch["source"] % width
-    first = int(col.min()) if accepts_logits_to_keep(model) else 0
-    kw = {"logits_to_keep": width - first} if first else {}
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], **kw)
-    kept = out.logits.shape[1]
-    source = (batch["source"] // width) * kept + (col - (width - kept))
-    logps = packed_sequence_logps(out.logits, source, batch["target"], batch["segment"], 2 * n)
+    prompt is computed once per pair. The LM head runs only at the positions that predict
+    a token (the last prompt position predicts one token of each completion)."""
+    source = batch["source"]
+    keep = torch.zeros(batch["input_ids"].numel(), dtype=torch.bool, device=source.device)
+    keep[source] = True
+    row_of = keep.cumsum(0) - 1  # flat position -> its row among the kept logits
+    logits = scored_logits(model, batch, keep.view_as(batch["input_ids"]))
+    logps = packed_sequence_logps(logits, row_of[source], batch["target"], batch["segment"], 2 * n)
     return logps[:n], logps[n:]
 
 
 def concat_logps(model, batch: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over chosen+rejected rows; returns (chosen, rejected) sequence log-probs.
-
-    The LM head skips the prompt prefix that every row shares (same result, less compute).
-    """
-    logps = sequence_logps(*loss_logits(model, batch, trim=accepts_logits_to_keep(model)))
+    The LM head runs on completion tokens only (``scored_token_logps``)."""
+    token_logps, rows = scored_token_logps(model, batch)
+    logps = torch.zeros(2 * n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
     return logps[:n], logps[n:]
 
 

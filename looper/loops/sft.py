@@ -19,10 +19,9 @@ from looper.data.gsm8k import format_completion, load_questions
 from looper.data.tokenize import Encoded, collate, encode_sft_rows
 from looper.io import DataError, check_writable
 from looper.layout import RunLayout, holds_run_lock, resolve_adapter
-from looper.losses.sft import masked_cross_entropy
 from looper.loops.common import (
-    TrainLoop, TrainResult, accepts_logits_to_keep, build_policy, equal_shards,
-    loss_logits, resume_point, seed_everything, shard, split_val,
+    TrainLoop, TrainResult, build_policy, equal_shards, resume_point, scored_token_logps, seed_everything, shard,
+    split_val,
 )
 from looper.models import ensure_model, resolve_dtype
 
@@ -79,7 +78,7 @@ def load_sft_examples(
 
 @torch.no_grad()
 def eval_loss(
-    model, examples: list[Encoded], batch_size: int, pad_id: int, env: dist.DistEnv, trim: bool = False
+    model, examples: list[Encoded], batch_size: int, pad_id: int, env: dist.DistEnv
 ) -> float:
     """Mean completion-token loss over ``examples``, sharded across ranks."""
     model.eval()
@@ -88,9 +87,9 @@ def eval_loss(
     for idx in equal_shards(len(examples), batch_size, env.rank, env.world_size):
         empty = not idx  # FSDP forwards are collective: every rank runs the same count
         batch = {k: v.to(env.device) for k, v in collate([examples[i] for i in idx or [0]], pad_id).items()}
-        s, n = masked_cross_entropy(*loss_logits(model, batch, trim))
-        loss_sum += 0 if empty else s
-        tokens += 0 if empty else n
+        token_logps, _ = scored_token_logps(model, batch)
+        loss_sum -= 0 if empty else token_logps.sum()
+        tokens += 0 if empty else token_logps.numel()
     model.train()
     return (dist.all_reduce_sum(loss_sum) / dist.all_reduce_sum(tokens).clamp(min=1)).item()
 
@@ -143,7 +142,6 @@ def train_sft(cfg: Config, stage: str = "sft") -> TrainResult:
     # ---- model, data
     model, tokenizer = build_policy(cfg, env, model_path, adapter=init_adapter, lora=lora)
     train, val, n_truncated = load_sft_examples(cfg, tokenizer, t.val_size, rows)
-    trim = accepts_logits_to_keep(model)  # skip the LM head on the shared prompt prefix
     model = shard(model, env, t.activation_checkpointing, resolve_dtype(cfg.model.dtype, env.device))
     pad_id = tokenizer.pad_token_id
     loop = TrainLoop(
@@ -173,7 +171,7 @@ def train_sft(cfg: Config, stage: str = "sft") -> TrainResult:
             dist.set_grad_sync(model, i == len(micro) - 1)
             batch = {k: v.to(env.device) for k, v in collate(rows, pad_id).items()}
             positions += batch["input_ids"].numel()
-            s, _ = masked_cross_entropy(*loss_logits(model, batch, trim))
+            s = -scored_token_logps(model, batch)[0].sum()  # the LM head runs on completion tokens only
             # FSDP averages gradients over ranks; scale by world size so the result is
             # the gradient of (global loss sum / global token count).
             (s * env.world_size / global_tokens).backward()
@@ -182,7 +180,7 @@ def train_sft(cfg: Config, stage: str = "sft") -> TrainResult:
         rec = loop.optimizer_step(loss, sum(len(e.input_ids) for mb in micro for e in mb), positions)
         rec["completion_tokens"] = int(global_tokens.item())
         if loop.eval_due(bool(val)):
-            rec["eval_loss"] = eval_loss(model, val, t.batch_size, pad_id, env, trim)
+            rec["eval_loss"] = eval_loss(model, val, t.batch_size, pad_id, env)
         loop.finish_step(rec, postfix={"loss": f"{loss:.4f}", "tok_s": f"{rec['tokens_per_s']:.0f}"})
     loop.close()
     phases["steps"] = time.perf_counter() - t0

@@ -19,6 +19,8 @@ chunk at a time, in the forward and in the backward pass.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -39,46 +41,49 @@ def _chunk_rows(num_cols: int) -> int:
 
 
 class _RowTokenLogProbs(torch.autograd.Function):
-    """``out[i] = log_softmax(x[i])[target[i]]`` in fp32 (or wider), chunked over rows.
+    """``out[i] = log_softmax(x[index[i]])[target[i]]`` in fp32 (or wider), chunked over rows.
 
-    Saves ``x`` in its own dtype and the per-row logsumexp; the backward pass
-    recomputes the softmax one chunk at a time.
+    Each row's log-normalizer is computed once, however many tokens it predicts. Saves
+    ``x`` in its own dtype and the per-row logsumexp; the backward pass recomputes the
+    softmax one chunk at a time, in place where the dtype allows.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, index: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
         cdtype = _compute_dtype(x.dtype)
         n, v = x.shape
         lse = torch.empty(n, dtype=cdtype, device=x.device)
-        out = torch.empty(n, dtype=cdtype, device=x.device)
         step = _chunk_rows(v)
         for s in range(0, n, step):
-            e = min(n, s + step)
-            xs = x[s:e].to(cdtype)
-            lse[s:e] = torch.logsumexp(xs, dim=-1)
-            out[s:e] = xs.gather(-1, target[s:e, None]).squeeze(-1) - lse[s:e]
-        ctx.save_for_backward(x, target, lse)
+            lse[s : s + step] = torch.logsumexp(x[s : s + step].to(cdtype), dim=-1)
+        out = x[index, target].to(cdtype) - lse[index]
+        ctx.save_for_backward(x, index, target, lse)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        x, target, lse = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            cdtype = lse.dtype
-            n, v = x.shape
-            grad_x = torch.empty_like(x)
-            g = grad_out.to(cdtype)
-            step = _chunk_rows(v)
-            for s in range(0, n, step):
-                e = min(n, s + step)
-                # d out_i / d x_ij = [j == target_i] - softmax(x_i)_j
-                p = torch.exp(x[s:e].to(cdtype) - lse[s:e, None])
-                p.mul_(-g[s:e, None])
-                p.scatter_add_(-1, target[s:e, None], g[s:e, None])
-                grad_x[s:e] = p.to(x.dtype)
-        return grad_x, None
+        x, index, target, lse = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        cdtype = lse.dtype
+        n, v = x.shape
+        g = grad_out.to(cdtype)
+        # d out_i / d x_rj = [r == index_i] ([j == target_i] - softmax(x_r)_j): each row r
+        # gets -softmax(x_r) times the summed gradient of its tokens, plus each token's own.
+        row_g = torch.zeros(n, dtype=cdtype, device=x.device).index_add_(0, index, g)
+        step = _chunk_rows(v)
+        grad_x = None if 0 < n <= step and x.dtype == cdtype else torch.empty_like(x)
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            p = x[s:e].to(cdtype) - lse[s:e, None]  # a new tensor: x is saved, never written
+            p.exp_().mul_(-row_g[s:e, None])
+            mine = (index >= s) & (index < e)
+            p.index_put_((index[mine] - s, target[mine]), g[mine], accumulate=True)
+            if grad_x is None:
+                return p, None, None
+            grad_x[s:e] = p
+        return grad_x, None, None
 
 
 def _check_inputs(logits: Tensor, labels: Tensor) -> None:
@@ -130,16 +135,26 @@ def shifted_token_logps(
     # on a flat view has a much cheaper backward than advanced indexing (an index_add).
     flat = logits.reshape(-1, vocab)
     selected = flat.index_select(0, rows * logits.shape[1] + cols)
-    token_logps = _RowTokenLogProbs.apply(selected, target_ids)
+    token_logps = row_token_logps(selected, target_ids)
     return token_logps, rows
 
 
-def row_token_logps(rows: Tensor, targets: Tensor) -> Tensor:
-    """``log_softmax(rows[i])[targets[i]]`` for ``rows`` ``[N, V]`` (already the positions
-    that predict ``targets`` ``[N]``), in fp32 or wider, chunked; differentiable in ``rows``."""
-    if rows.dim() != 2 or targets.shape != rows.shape[:1]:
-        raise ValueError(f"rows must be [N, V] and targets [N], got {tuple(rows.shape)} and {tuple(targets.shape)}")
-    return _RowTokenLogProbs.apply(rows, targets.long())
+def row_token_logps(rows: Tensor, targets: Tensor, index: Optional[Tensor] = None) -> Tensor:
+    """``log_softmax(rows[index[i]])[targets[i]]`` for logits ``rows`` ``[M, V]`` that are
+    already the positions that predict: ``index`` ``[N]`` says which row predicts each of the
+    ``targets`` ``[N]`` (None: row ``i`` predicts token ``i``). A row may predict several
+    tokens (a packed prompt's last position predicts the first token of each completion);
+    its normalizer is computed once. In fp32 or wider, chunked; differentiable in ``rows``."""
+    if rows.dim() != 2 or targets.dim() != 1:
+        raise ValueError(f"rows must be [M, V] and targets [N], got {tuple(rows.shape)} and {tuple(targets.shape)}")
+    if index is None:
+        if targets.shape[0] != rows.shape[0]:
+            raise ValueError(f"without an index, rows {tuple(rows.shape)} and targets {tuple(targets.shape)} "
+                             "must have one target per row")
+        index = torch.arange(rows.shape[0], device=rows.device)
+    elif index.shape != targets.shape:
+        raise ValueError(f"index {tuple(index.shape)} and targets {tuple(targets.shape)} must have the same shape")
+    return _RowTokenLogProbs.apply(rows, index.long(), targets.long())
 
 
 def masked_cross_entropy(
