@@ -161,3 +161,25 @@ def test_mask_slicing_is_detected_from_the_forward():
     assert _logits_to_keep_support(LlamaForCausalLM) == _logits_to_keep_support(Qwen2ForCausalLM) == (True, True)
 
 
+
+def test_the_policy_runs_the_fused_lora_forward_under_fsdp(micro_cfg, tmp_path, monkeypatch):
+    """build_policy gives every LoRA layer the fused forward, and after FSDP2 sharding the
+    training forward takes it (peft's own forward is never called)."""
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    from looper import dist
+    from looper.lora import FusedLoraLinear
+    from looper.loops.common import build_policy, scored_token_logps, shard
+
+    cfg = micro_cfg(tmp_path)
+    env = dist.init_distributed("cpu")
+    model, _ = build_policy(cfg, env, cfg.model.name_or_path, None, cfg.lora)
+    layers = [m for m in model.modules() if isinstance(m, PeftLoraLinear)]
+    assert layers and all(type(m) is FusedLoraLinear for m in layers)
+    model = shard(model, env, False, torch.float32)
+    calls = []
+    real = PeftLoraLinear.forward
+    monkeypatch.setattr(PeftLoraLinear, "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    _, batch = _ragged_batch()
+    (-scored_token_logps(model, batch)[0].sum()).backward()
+    assert calls == []

@@ -1,0 +1,68 @@
+"""A faster forward for PEFT's LoRA linear layers: the same adapter, the same numbers.
+
+peft computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling``. The adapter's product
+lands in a new ``[tokens, out]`` tensor, is scaled into another and added into a third,
+and the backward pass scales the incoming ``[tokens, out]`` gradient once more. On a
+small model, where the rank is not small next to the width, those passes over
+``[tokens, out]`` cost about as much as the adapter's matmuls. ``FusedLoraLinear`` adds
+the product inside one ``addmm`` with ``alpha = scaling``: no extra ``[tokens, out]``
+tensor in the forward, and the scaling falls on the ``[tokens, r]`` side in the backward.
+
+The layer stays peft's own (``isinstance(layer, peft.tuners.lora.Linear)`` holds, the
+state dict and the saved adapter are unchanged); only the forward of the common case is
+replaced. Anything else (adapters disabled or merged, several active adapters, DoRA and
+other variants, a LoRA bias, mixed dtypes, extra forward arguments) runs peft's forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+__all__ = ["FusedLoraLinear", "fuse_lora_linears"]
+
+
+class FusedLoraLinear(PeftLoraLinear):
+    """peft's LoRA ``Linear`` whose single-adapter forward is one ``addmm`` (see the module)."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self._fused_adapter(x, args, kwargs)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+        result = self.base_layer(x)
+        down = F.linear(self.lora_dropout[name](x), lora_a)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]), lora_b.t(),
+                          alpha=self.scaling[name])
+        return out.view(result.shape)
+
+    def _fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict):
+        """The one active adapter when the fused path computes what peft's forward would; else None."""
+        if args or kwargs or self.disable_adapters or self.merged or x.dim() < 2:
+            return None
+        active = self.active_adapters
+        if len(active) != 1:
+            return None
+        name = active[0]
+        if name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None:
+            return None
+        base = self.base_layer
+        if type(base) is not torch.nn.Linear:  # a quantized or otherwise unusual base layer
+            return None
+        if not x.dtype == base.weight.dtype == self.lora_A[name].weight.dtype == self.lora_B[name].weight.dtype:
+            return None
+        if not isinstance(self.scaling[name], (int, float)):
+            return None
+        return name
+
+
+def fuse_lora_linears(model: torch.nn.Module) -> int:
+    """Give every peft LoRA ``Linear`` of ``model`` the fused forward, in place; returns how
+    many layers changed. Layers of peft's other LoRA types are left as they are."""
+    n = 0
+    for module in model.modules():
+        if type(module) is PeftLoraLinear:
+            module.__class__ = FusedLoraLinear
+            n += 1
+    return n
