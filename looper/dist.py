@@ -9,12 +9,14 @@
   bf16 compute gathers parameters in bf16 and reduces gradients in fp32 on CPU and GPU
   alike; fp32 compute casts nothing.
 - ``no_sync``: switch gradient reduction off for all but the last accumulation micro-step.
+- ``retain_freed_memory``: on CPU, glibc keeps freed memory for reuse (see there).
 - Reductions, a barrier, global-norm clipping, and full state dicts gathered on rank 0.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -57,6 +59,8 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
     dev = pick_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    else:
+        retain_freed_memory()
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         timeout = timedelta(seconds=timeout_s)
@@ -68,6 +72,37 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
                 backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
             )
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, <malloc.h>
+
+
+@functools.lru_cache(maxsize=None)
+def retain_freed_memory() -> bool:
+    """Keep memory the process frees for its own reuse, instead of handing it back to the
+    operating system (glibc only; returns whether the setting took).
+
+    A training step on CPU frees and allocates the same large tensors every time
+    (activations, logits, gradients). glibc serves blocks above its mmap threshold (at
+    most 32 MiB) with ``mmap`` and unmaps them on free, and trims the heap top above its
+    trim threshold, so each step touches fresh pages again: about 38,000 minor page faults
+    per SFT micro-batch on the benchmark model, a tenth or more of the step. With mmap off
+    and the trim threshold at its maximum, freed blocks stay in the heap and the faults
+    disappear (864 per micro-batch), for a few percent more peak memory. The process keeps
+    its high-water mark until it exits. ``LOOPER_MALLOC=system`` keeps glibc's defaults.
+    Called by ``init_distributed`` on CPU; it changes nothing else, and only once.
+    """
+    if os.environ.get("LOOPER_MALLOC", "").lower() == "system":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt  # absent outside glibc (musl, macOS)
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def get_rank() -> int:
