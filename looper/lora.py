@@ -5,8 +5,9 @@ lands in a new ``[tokens, out]`` tensor, is scaled into another and added into a
 and the backward pass scales the incoming ``[tokens, out]`` gradient once more. On a
 small model, where the rank is not small next to the width, those passes over
 ``[tokens, out]`` cost about as much as the adapter's matmuls. ``FusedLoraLinear`` adds
-the product inside one ``addmm`` with ``alpha = scaling``: no extra ``[tokens, out]``
-tensor in the forward, and the scaling falls on the ``[tokens, r]`` side in the backward.
+the product into the base layer's output, in place, inside one ``addmm_`` with ``alpha =
+scaling``: no extra ``[tokens, out]`` tensor in the forward, and the scaling falls on the
+``[tokens, r]`` side in the backward.
 
 The layer stays peft's own (``isinstance(layer, peft.tuners.lora.Linear)`` holds, the
 state dict and the saved adapter are unchanged); only the forward of the common case is
@@ -24,7 +25,7 @@ __all__ = ["FusedLoraLinear", "fuse_lora_linears"]
 
 
 class FusedLoraLinear(PeftLoraLinear):
-    """peft's LoRA ``Linear`` whose single-adapter forward is one ``addmm`` (see the module)."""
+    """peft's LoRA ``Linear`` whose single-adapter forward is one ``addmm_`` (see the module)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self._fused_adapter(x, args, kwargs)
@@ -33,8 +34,10 @@ class FusedLoraLinear(PeftLoraLinear):
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
         result = self.base_layer(x)
         down = F.linear(self.lora_dropout[name](x), lora_a)
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]), lora_b.t(),
-                          alpha=self.scaling[name])
+        # In place: the base output is not saved by anything autograd needs (a linear layer's
+        # backward keeps its input and weight), so it can take the product directly.
+        out = result.reshape(-1, result.shape[-1])
+        out.addmm_(down.reshape(-1, down.shape[-1]), lora_b.t(), alpha=self.scaling[name])
         return out.view(result.shape)
 
     def _fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict):
