@@ -183,3 +183,27 @@ def test_the_policy_runs_the_fused_lora_forward_under_fsdp(micro_cfg, tmp_path, 
     _, batch = _ragged_batch()
     (-scored_token_logps(model, batch)[0].sum()).backward()
     assert calls == []
+
+
+def test_a_right_padding_mask_is_left_to_causal_attention(tiny_model_dir):
+    """Right padding never reaches the model (causal attention keeps real tokens from seeing
+    it) and the kept logits equal those of the masked forward; any other mask is passed."""
+    from looper.loops.common import scored_logits
+
+    rows, batch = _ragged_batch()
+    model = _lora_model(tiny_model_dir)
+    seen = []
+    base = model.get_base_model()
+    hook = base.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    keep = batch["labels"] != -100
+    with torch.no_grad():
+        ours = scored_logits(model, batch, keep)
+        masked = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[keep]
+        torch.testing.assert_close(ours, masked, rtol=1e-5, atol=1e-5)
+        assert seen[0] is None and seen[1] is not None
+
+        left = {k: v.flip(1) for k, v in batch.items()}  # padding first: the mask matters
+        seen.clear()
+        scored_logits(model, left, left["labels"] != -100)
+        assert torch.equal(seen[0], left["attention_mask"])
+    hook.remove()

@@ -169,8 +169,18 @@ def scored_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
     ``[B, T]`` is True, in row-major order. Where the model allows it
     (``keeps_logits_by_mask``), the LM head runs on those positions only: prompt and
     padding positions never reach the vocabulary projection, and no ``[B, T, V]`` tensor
-    is built."""
+    is built.
+
+    A right-padding mask (``[B, T]``, each row ones then zeros) is not passed on: under
+    causal attention a real token never sees the padding after it, so only the outputs at
+    padded positions change, and those are never kept. The model then attends with its
+    plain causal mask (sdpa's ``is_causal`` kernels, which skip the masked blocks) instead
+    of a ``[B, 1, T, T]`` mask built from the padding. Other masks go to the model as they
+    are."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.dim() == 2 and bool((mask[:, 1:] <= mask[:, :-1]).all() & (mask[:, 0] > 0).all()):
+        del inputs["attention_mask"]
     if keeps_logits_by_mask(model):
         return model(**inputs, logits_to_keep=keep).logits
     return model(**inputs).logits[keep]
