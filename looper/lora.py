@@ -32,13 +32,14 @@ class FusedLoraLinear(PeftLoraLinear):
         if name is None:
             return super().forward(x, *args, **kwargs)
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-        result = self.base_layer(x)
-        down = F.linear(self.lora_dropout[name](x), lora_a)
+        flat = x.reshape(-1, x.shape[-1])
         # In place: the base output is not saved by anything autograd needs (a linear layer's
-        # backward keeps its input and weight), so it can take the product directly.
-        out = result.reshape(-1, result.shape[-1])
-        out.addmm_(down.reshape(-1, down.shape[-1]), lora_b.t(), alpha=self.scaling[name])
-        return out.view(result.shape)
+        # backward keeps its input and weight), so it can take the product directly. It is
+        # computed 2-D, so it is not a view: an in-place op on a view would make autograd
+        # copy the whole gradient of its base in the backward pass.
+        out = self.base_layer(flat)
+        out.addmm_(F.linear(self.lora_dropout[name](flat), lora_a), lora_b.t(), alpha=self.scaling[name])
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def _fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict):
         """The one active adapter when the fused path computes what peft's forward would; else None."""
