@@ -144,7 +144,7 @@ def test_a_model_without_mask_slicing_gets_full_logits_then_the_mask(tiny_model_
 
 
 def test_mask_slicing_is_detected_from_the_forward():
-    from looper.loops.common import _logits_to_keep_support
+    from looper.loops.common import _slices_logits_by_mask
 
     class Plain(torch.nn.Module):
         def forward(self, input_ids):
@@ -154,11 +154,11 @@ def test_mask_slicing_is_detected_from_the_forward():
         def forward(self, input_ids, logits_to_keep=0):
             return input_ids[:, -logits_to_keep:]
 
-    assert _logits_to_keep_support(Plain) == (False, False)
-    assert _logits_to_keep_support(OwnSlicing) == (True, False)
-    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+    assert not _slices_logits_by_mask(Plain)
+    assert not _slices_logits_by_mask(OwnSlicing)
+    from transformers import LlamaForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM
 
-    assert _logits_to_keep_support(LlamaForCausalLM) == _logits_to_keep_support(Qwen2ForCausalLM) == (True, True)
+    assert all(_slices_logits_by_mask(c) for c in (LlamaForCausalLM, Qwen2ForCausalLM, Phi3ForCausalLM))
 
 
 

@@ -133,34 +133,23 @@ def equal_shards(n: int, batch_size: int, rank: int, world: int) -> list[list[in
     return [mine[i * batch_size : (i + 1) * batch_size] for i in range(per_rank)]
 
 
-def accepts_logits_to_keep(model) -> bool:
-    """Whether the (PEFT-wrapped) causal LM takes ``logits_to_keep`` (transformers' own models do).
-
-    Answered once per model class, so calling it at every forward costs nothing.
-    """
-    return _logits_to_keep_support(_base_class(model))[0]
-
-
 def keeps_logits_by_mask(model) -> bool:
-    """Whether ``logits_to_keep`` may be a boolean ``[B, T]`` mask: the model then runs its
-    LM head on the kept positions only and returns logits ``[N, V]``. Transformers' causal
-    LMs slice with ``slice_logits_to_keep``, which does this; a model with its own slicing
-    (remote code, older releases) is given no mask."""
-    return _logits_to_keep_support(_base_class(model))[1]
-
-
-def _base_class(model) -> type:
-    return type(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    """Whether the (PEFT-wrapped) causal LM takes ``logits_to_keep`` as a boolean ``[B, T]``
+    mask: it then runs its LM head on the kept positions only and returns logits ``[N, V]``.
+    Transformers' causal LMs slice with ``slice_logits_to_keep``, which does this; a model
+    with its own slicing (remote code, older releases) is given no mask. Answered once per
+    model class, so calling it at every forward costs nothing."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _slices_logits_by_mask(type(base))
 
 
 @functools.lru_cache(maxsize=None)
-def _logits_to_keep_support(cls: type) -> tuple[bool, bool]:
+def _slices_logits_by_mask(cls: type) -> bool:
     try:
         takes = "logits_to_keep" in inspect.signature(cls.forward).parameters
-        by_mask = takes and "slice_logits_to_keep(" in inspect.getsource(cls.forward)
+        return takes and "slice_logits_to_keep(" in inspect.getsource(cls.forward)
     except (TypeError, ValueError, OSError):
-        return False, False
-    return takes, by_mask
+        return False
 
 
 def scored_logits(model, batch: dict, keep: torch.Tensor) -> torch.Tensor:
