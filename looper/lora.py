@@ -13,6 +13,10 @@ The layer stays peft's own (``isinstance(layer, peft.tuners.lora.Linear)`` holds
 state dict and the saved adapter are unchanged); only the forward of the common case is
 replaced. Anything else (adapters disabled or merged, several active adapters, DoRA and
 other variants, a LoRA bias, mixed dtypes, extra forward arguments) runs peft's forward.
+In fp32 the result equals peft's to rounding; in bf16 it rounds once where peft rounds the
+product, the scaling and the sum. The fused path reads the ``lora_A``/``lora_B`` weights
+directly, so hooks on those two submodules do not run (looper puts none there; FSDP2 wraps
+whole decoder layers).
 """
 
 from __future__ import annotations

@@ -114,3 +114,22 @@ def test_two_active_adapters_and_the_saved_adapter_are_peft_s(tmp_path):
     assert not any(type(m) is FusedLoraLinear for m in loaded.modules())
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_fused_forward_is_peft_s_to_bf16_rounding(monkeypatch):
+    """All in bf16 (as FSDP2 gathers a LoRA policy on GPU): the fused path is taken and
+    differs from peft's only by rounding (one rounding of the sum instead of three)."""
+    ref, fused = pair("qwen2", dtype=torch.bfloat16)
+    for model in (ref, fused):  # peft keeps new adapter weights in fp32; FSDP2 would gather bf16
+        model.to(torch.bfloat16)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    calls = []
+    real = PeftLoraLinear.forward
+    monkeypatch.setattr(PeftLoraLinear, "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    out_f, g_f = run(fused, ids)
+    assert calls == []
+    monkeypatch.undo()
+    out_r, g_r = run(ref, ids)
+    torch.testing.assert_close(out_f, out_r, rtol=2e-2, atol=2e-2)
+    for name in g_r:
+        torch.testing.assert_close(g_f[name].float(), g_r[name].float(), rtol=5e-2, atol=5e-3, msg=name)

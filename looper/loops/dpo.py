@@ -259,6 +259,9 @@ def reference_model_id(cfg: Config, model_path: str, device: torch.device, packe
         parts.append(cfg.data.chat_template_kwargs)
     if packed:  # the same log-probs to ~1e-6, computed in another order
         parts.append("packed")
+    # the forward that computes them: the LM head on scored positions, the fused LoRA layer
+    # (same values in fp32, other roundings in bf16); a cache from another one is not reused
+    parts.append("logps-v2")
     return json.dumps(parts)
 
 

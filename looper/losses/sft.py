@@ -78,8 +78,11 @@ class _RowTokenLogProbs(torch.autograd.Function):
             e = min(n, s + step)
             p = x[s:e].to(cdtype) - lse[s:e, None]  # a new tensor: x is saved, never written
             p.exp_().mul_(-row_g[s:e, None])
-            mine = (index >= s) & (index < e)
-            p.index_put_((index[mine] - s, target[mine]), g[mine], accumulate=True)
+            if e - s == n:  # one chunk (the usual case): no selection, so no device sync
+                p.index_put_((index, target), g, accumulate=True)
+            else:
+                mine = (index >= s) & (index < e)
+                p.index_put_((index[mine] - s, target[mine]), g[mine], accumulate=True)
             if grad_x is None:
                 return p, None, None
             grad_x[s:e] = p
