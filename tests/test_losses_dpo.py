@@ -406,3 +406,7 @@ def test_packed_sequence_logps_match_a_naive_sum():
     assert got[3] == 0  # a segment with no token
     got.sum().backward()
     assert logits.grad[0, 2].abs().sum() == 0 and logits.grad[0, 0].abs().sum() > 0  # only the scored positions
+    # rows already chosen ([M, V], as the loop's scored_logits gives them): the same values
+    used = torch.tensor([0, 1, 6, 9])
+    rows = logits.detach().reshape(-1, 7)[used]
+    torch.testing.assert_close(packed_sequence_logps(rows, torch.tensor([0, 1, 0, 2, 3]), target, segment, 4), want)

@@ -84,19 +84,17 @@ def packed_sequence_logps(logits: Tensor, source: Tensor, targets: Tensor, segme
     first rejected token is predicted from the last prompt position. So the scored
     positions are given explicitly: token ``i`` is ``targets[i]``, predicted by the logits
     at flat position ``source[i]`` of ``logits.reshape(-1, V)``, and counted in segment
-    ``segments[i]``. ``logits`` may be ``[B, T, V]`` or already the rows that predict
-    (``[M, V]``, as ``scored_logits`` returns them); only the rows that ``source`` names are
-    normalized, each once. Arithmetic in fp32 (fp64 stays fp64), as in
-    :func:`sequence_logps`.
+    ``segments[i]``. ``logits`` may be ``[B, T, V]`` (only the rows that ``source`` names
+    are normalized, each once) or ``[M, V]``, rows already chosen as ``scored_logits``
+    returns them (``source`` indexes those rows, every row is normalized). Arithmetic in
+    fp32 (fp64 stays fp64), as in :func:`sequence_logps`.
 
     Returns ``[n]``: 0 for a segment with no token; differentiable in ``logits``.
     """
-    flat = logits.reshape(-1, logits.shape[-1])
-    used, index = torch.unique(source, return_inverse=True)
-    if used.numel() < flat.shape[0]:  # rows no token needs are never normalized
+    flat, index = logits.reshape(-1, logits.shape[-1]), source
+    if logits.dim() == 3:  # full logits: rows no token needs are never normalized
+        used, index = torch.unique(source, return_inverse=True)
         flat = flat.index_select(0, used)
-    else:
-        index = source
     token_logps = row_token_logps(flat, targets, index)
     out = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device)
     return out.index_add(0, segments, token_logps)
