@@ -458,10 +458,11 @@ def test_the_pipeline_runs_end_to_end_in_the_chat_format(tmp_path: Path):
 
     # no base stage (it is for model.name_or_path: tiny), so the model is untrained: sampling at
     # temperature 1 on one-step problems with small numbers (MICRO_PIPELINE) still gets a few
-    # answers right by chance (2 to 6 mixed groups of 16 over the seeds tried), so pairs exist
+    # answers right by chance (2 to 6 mixed groups of 16 over the seeds tried), so pairs exist,
+    # though not always the 8 of one default DPO batch (7 once): DPO takes batches of 4 here
     out = tmp_path / "run"
     cfg = micro(out, f"model.name_or_path={model_dir}", "base_train=null", "data.prompt_format=chat",
-                f"data.system_prompt={system}", "rollout.generation.temperature=1.0")
+                f"data.system_prompt={system}", "rollout.generation.temperature=1.0", "dpo.batch_size=4")
     run_pipeline(cfg)
 
     state = json.loads((out / "pipeline_state.json").read_text())

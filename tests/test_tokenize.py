@@ -281,6 +281,33 @@ def test_micro_batches_same_examples_per_step_for_any_world_size(accum):
     assert one.step(two.steps_per_epoch) != one.step(0)
 
 
+@pytest.mark.parametrize("world,accum", [(1, 1), (2, 3)])
+def test_micro_batches_start_the_run_with_the_largest(world, accum):
+    rng = random.Random(4)
+    lengths = [rng.randint(5, 400) for _ in range(301)]
+    bs, per_step = 4, world * accum
+    sched = MicroBatches(lengths, bs, per_step, seed=2)
+    size = lambda mb: len(mb) * max(lengths[i] for i in mb)  # noqa: E731
+    n = sched.steps_per_epoch
+    steps = [sched.step(k) for k in range(n)]
+    flat = [mb for step in steps for mb in step]
+    # the same micro-batches as the plain length-grouped order, only reordered
+    plain = length_grouped_batches(lengths, bs, 2, 0)[: len(flat)]
+    assert sorted(map(sorted, flat)) == sorted(map(sorted, plain)) and flat != plain
+    # step 1 holds the epoch's per_step largest, largest first
+    sizes = [size(mb) for mb in flat]
+    assert [size(mb) for mb in steps[0]] == sorted(sizes, reverse=True)[:per_step]
+    # so each rank's first micro-batch is the largest it sees in the epoch
+    for r in range(world):
+        mine = [size(mb) for k in range(n) for mb in sched.for_rank(k, r, world)]
+        assert mine[0] == max(mine)
+    # the rest keep the shuffled order (not sorted by size), and later epochs are left as they are
+    rest = sizes[per_step:]
+    assert rest != sorted(rest) and rest != sorted(rest, reverse=True)
+    later = [mb for k in range(n) for mb in sched.step(n + k)]
+    assert later == length_grouped_batches(lengths, bs, 2, 1)[: len(later)]
+
+
 def test_micro_batches_too_small_dataset():
     with pytest.raises(DataError, match="cannot fill one optimizer step"):
         MicroBatches([10] * 7, batch_size=4, per_step=2, seed=0)

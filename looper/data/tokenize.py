@@ -153,6 +153,15 @@ def collate(examples: Sequence[Encoded], pad_id: int, pad_to_multiple: int = 1) 
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def largest_first(batches: list[list[int]], lengths: Sequence[int], k: int) -> list[list[int]]:
+    """``batches`` with its ``k`` largest (rows x longest row) moved to the front, largest
+    first; the others keep their order."""
+    size = [len(b) * max(lengths[i] for i in b) for b in batches]
+    top = sorted(range(len(batches)), key=lambda j: (-size[j], j))[:k]
+    chosen = set(top)
+    return [batches[j] for j in top] + [b for j, b in enumerate(batches) if j not in chosen]
+
+
 class MicroBatches:
     """The micro-batch schedule of a training run, identical on every rank.
 
@@ -164,6 +173,13 @@ class MicroBatches:
     is not a multiple of ``batch_size`` yields one shorter micro-batch, which may land
     anywhere in the epoch; the loss is normalized by the global token (or pair) count, so
     it weighs every example the same either way.
+
+    The first optimizer step of the run holds the first epoch's ``per_step`` largest
+    micro-batches (rows x longest row), largest first, so every rank's first micro-batch is
+    its largest: a run that does not fit in memory fails at step 1, and the peak is
+    allocated once and then reused. In growing order, each new peak asks for fresh memory
+    that the smaller freed blocks cannot serve (``largest_first``). Later epochs keep their
+    shuffled order.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, per_step: int, seed: int):
@@ -185,7 +201,11 @@ class MicroBatches:
         """All A*W micro-batches (lists of example indices) of optimizer step ``step``."""
         epoch, k = divmod(step, self.steps_per_epoch)
         if epoch not in self._cache:
-            self._cache = {epoch: length_grouped_batches(self.lengths, self.batch_size, self.seed, epoch)}
+            batches = length_grouped_batches(self.lengths, self.batch_size, self.seed, epoch)
+            if epoch == 0:
+                used = self.steps_per_epoch * self.per_step  # the tail that cannot fill a step stays out
+                batches = largest_first(batches[:used], self.lengths, self.per_step) + batches[used:]
+            self._cache = {epoch: batches}
         return self._cache[epoch][k * self.per_step : (k + 1) * self.per_step]
 
     def for_rank(self, step: int, rank: int, world: int) -> list[list[int]]:
