@@ -79,8 +79,10 @@ def trainable_params(model) -> list[torch.nn.Parameter]:
 def build_optimizer(params, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     if not params:
         raise ValueError("no trainable parameters")
-    kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, **kw)
+    # fused: one kernel for all parameters, on CPU as on GPU. With FSDP2's DTensor parameters
+    # this is one op to shard-propagate at the first step, where foreach is nine (0.26 s
+    # against 0.07 s on the SFT benchmark's LoRA, then 3.8 against 2.0 ms a step).
+    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, fused=True)
 
 
 def lr_lambda(t: TrainConfig, total_steps: int):
