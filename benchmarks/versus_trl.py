@@ -158,7 +158,11 @@ def _load_spec(arg: str) -> tuple[dict, str]:
 
 
 def child_looper(job: str, spec: dict, out: str) -> dict:
-    """``looper <job>`` in process, with timers: imports, then the loop's own phases."""
+    """``looper <job>`` in process, with timers: imports, then the loop's own phases. The
+    garbage collector is set as the CLI sets it (``child_main`` freezes it before exit)."""
+    from looper.cli import collect_for_a_command
+
+    collect_for_a_command()
     t_imports = time.perf_counter()
     from looper.config import load_config
     from looper.loops.dpo import train_dpo
@@ -232,6 +236,10 @@ def child_main(args) -> None:
     result["process_seconds_to_here"] = time.perf_counter() - T_START
     with open(os.path.join(out, "child.json"), "w") as f:
         json.dump(result, f)
+    if tool == "looper":
+        import gc
+
+        gc.freeze()  # as looper.cli.main does before the interpreter exits
 
 
 # --------------------------------------------------------------------------- parent

@@ -1,3 +1,3 @@
-from looper.cli import main
+from looper.cli import entry
 
-raise SystemExit(main())
+entry()

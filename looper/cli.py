@@ -59,23 +59,25 @@ def collect_for_a_command() -> None:
     default thresholds run six full collections over them during start-up: 0.4 s of an
     SFT job of 12 s on 2 cores. A full collection after 100 middle-generation ones (not
     10) keeps the collector on for cyclic garbage, and a 16-step job then runs none. A
-    library user's process is left as it is: only ``main`` calls this.
+    library user's process is left as it is: ``entry`` (the command) calls this, ``main`` does not.
     """
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, 100)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def entry() -> None:
+    """The ``looper`` command and ``python -m looper``: ``main`` in a process of its own."""
     collect_for_a_command()
     try:
-        return _main(argv)
+        code = main()
     finally:
         # what is still alive lives until exit: the interpreter's last collections skip it
         # (0.3 s on the same job)
         gc.freeze()
+    raise SystemExit(code)
 
 
-def _main(argv: Optional[list[str]]) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     import importlib
 
     from looper.config import ConfigError
@@ -120,4 +122,4 @@ def _main(argv: Optional[list[str]]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

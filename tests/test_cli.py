@@ -38,3 +38,29 @@ def test_overrides_may_follow_options(tmp_path, capsys):
     # `looper pipeline --force dpo dpo.lr=...`: the override after the option is kept (and here refused)
     assert main(["pipeline", "--stages", "prefs", f"run.output_dir={tmp_path}", "dpo.beta=0"]) == 2
     assert "dpo.beta must be > 0" in capsys.readouterr().err
+
+
+def test_the_command_sets_the_collector_for_its_own_process_and_main_does_not(tmp_path, monkeypatch, capsys):
+    import gc
+
+    from looper.cli import entry
+
+    threshold = gc.get_threshold()
+    a = tmp_path / "a_eval.jsonl"
+    a.write_text(json.dumps({"question_id": "0", "correct": True}) + "\n")
+    try:
+        assert main(["compare", str(a)]) == 0  # in a library user's process: left as it is
+        assert gc.get_threshold() == threshold and gc.get_freeze_count() == 0
+        monkeypatch.setattr("sys.argv", ["looper", "compare", str(a)])
+        with pytest.raises(SystemExit) as e:
+            entry()
+        assert e.value.code == 0 and "| a | 1.0000 |" in capsys.readouterr().out
+        # full collections 10x rarer; what lives at exit is frozen (the last collections skip it)
+        assert gc.get_threshold() == (threshold[0], threshold[1], 100) and gc.get_freeze_count() > 0
+        monkeypatch.setattr("sys.argv", ["looper", "prefs", f"run.output_dir={tmp_path}", "sft.log_every=0"])
+        with pytest.raises(SystemExit) as e:
+            entry()
+        assert e.value.code == 2  # the exit code of main
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
