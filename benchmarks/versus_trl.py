@@ -239,7 +239,7 @@ def child_main(args) -> None:
     if tool == "looper":
         import gc
 
-        gc.freeze()  # as looper.cli.main does before the interpreter exits
+        gc.freeze()  # as looper.cli.entry does before the interpreter exits
 
 
 # --------------------------------------------------------------------------- parent

@@ -59,7 +59,8 @@ def collect_for_a_command() -> None:
     default thresholds run six full collections over them during start-up: 0.4 s of an
     SFT job of 12 s on 2 cores. A full collection after 100 middle-generation ones (not
     10) keeps the collector on for cyclic garbage, and a 16-step job then runs none. A
-    library user's process is left as it is: ``entry`` (the command) calls this, ``main`` does not.
+    library user's process is left as it is: ``entry`` (the command) calls this, and
+    ``main`` does not.
     """
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, 100)
