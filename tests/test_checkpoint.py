@@ -44,7 +44,7 @@ def build(tiny_model_dir, env, seed: int, lora_b_scale: float = 0.0):
                     p.normal_(0, lora_b_scale)
     before_shard = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     model = dist.shard_model(model, decoder_layers(model), env.device)
-    opt = build_optimizer(trainable_params(model), SFTConfig(lr=1e-2), env.device)
+    opt = build_optimizer(trainable_params(model), SFTConfig(lr=1e-2))
     return model, opt, load_tokenizer(str(tiny_model_dir)), before_shard
 
 

@@ -76,7 +76,7 @@ def trainable_params(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def build_optimizer(params, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(params, t: TrainConfig) -> torch.optim.Optimizer:
     if not params:
         raise ValueError("no trainable parameters")
     # fused: one kernel for all parameters, on CPU as on GPU. With FSDP2's DTensor parameters
@@ -239,7 +239,7 @@ class TrainLoop:
         self.n_steps = n_steps = total_steps(t, self.batches.steps_per_epoch)
         self.resume_dir, self.desc, self.trainable_only = resume_dir, desc, trainable_only
         self.identity = identity or {}  # saved in every resume state, checked on resume
-        self.optimizer = build_optimizer(self.params, t, env.device)
+        self.optimizer = build_optimizer(self.params, t)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t, n_steps))
         self.step, self.tokens_seen, self.last_ckpt = 0, 0, None
         self.resumed_from = resume_from
