@@ -71,6 +71,10 @@ def entry() -> None:
     collect_for_a_command()
     try:
         code = main()
+        if code == 0 and "looper.dist" in sys.modules:  # the command joined a process group
+            from looper import dist
+
+            dist.destroy()  # all ranks meet, then leave: none exits with work in flight
     finally:
         # what is still alive lives until exit: the interpreter's last collections skip it
         # (0.3 s on the same job)

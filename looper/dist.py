@@ -4,6 +4,8 @@
   ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``), or a single process of world size 1. gloo
   on CPU, nccl on GPU. The single process also gets a (size-1) group, so one code path --
   FSDP2 included -- serves a laptop and 8xH100.
+- ``destroy``: leave the group at the end of a run (the ``looper`` command does). A process
+  that exits without it still leaves the group, at exit (see ``_leave_at_exit``).
 - ``shard_model``: FSDP2 ``fully_shard`` on each decoder layer, then on the root, with a
   mixed-precision policy that follows the compute dtype (``model.dtype``), not the device:
   bf16 compute gathers parameters in bf16 and reduces gradients in fp32 on CPU and GPU
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterable, Optional
@@ -71,6 +74,7 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
             dist.init_process_group(
                 backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
             )
+        _register_leave_at_exit()
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
@@ -129,6 +133,28 @@ def destroy() -> None:
         if dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def _leave_at_exit() -> None:
+    """Leave the process group when the interpreter exits, if the process has not.
+
+    A gloo rank that exits still in its group can abort while the interpreter is torn down
+    (``terminate called without an active exception``, SIGABRT): the group's worker threads
+    still hold finished work whose tensors are freed after Python is gone. A run that
+    succeeded then fails. This runs in ``atexit``, while the interpreter is whole. It does
+    not wait for the other ranks (one that is exiting with an error must not block on peers
+    that are not coming), and after an uncaught exception it does nothing: leaving a group
+    can wait on work still in flight with a peer, and a failed rank must end promptly.
+    """
+    if dist.is_initialized() and getattr(sys, "last_value", None) is None:
+        dist.destroy_process_group()
+
+
+@functools.lru_cache(maxsize=None)
+def _register_leave_at_exit() -> None:
+    import atexit
+
+    atexit.register(_leave_at_exit)
 
 
 # --------------------------------------------------------------------------- sharding

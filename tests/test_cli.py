@@ -43,6 +43,9 @@ def test_overrides_may_follow_options(tmp_path, capsys):
 def test_the_command_sets_the_collector_for_its_own_process_and_main_does_not(tmp_path, monkeypatch, capsys):
     import gc
 
+    import torch
+
+    from looper import dist
     from looper.cli import entry
 
     threshold = gc.get_threshold()
@@ -52,9 +55,11 @@ def test_the_command_sets_the_collector_for_its_own_process_and_main_does_not(tm
         assert main(["compare", str(a)]) == 0  # in a library user's process: left as it is
         assert gc.get_threshold() == threshold and gc.get_freeze_count() == 0
         monkeypatch.setattr("sys.argv", ["looper", "compare", str(a)])
+        dist.init_distributed("cpu")
         with pytest.raises(SystemExit) as e:
             entry()
         assert e.value.code == 0 and "| a | 1.0000 |" in capsys.readouterr().out
+        assert not torch.distributed.is_initialized()  # a command that succeeds leaves its group
         # full collections 10x rarer; what lives at exit is frozen (the last collections skip it)
         assert gc.get_threshold() == (threshold[0], threshold[1], 100) and gc.get_freeze_count() > 0
         monkeypatch.setattr("sys.argv", ["looper", "prefs", f"run.output_dir={tmp_path}", "sft.log_every=0"])
