@@ -230,17 +230,19 @@ def test_bad_inputs_raise():
         masked_cross_entropy(torch.randn(1, 3, 4), torch.tensor([[0, -1, 1]]))
 
 
-@pytest.mark.parametrize("chunk_rows", [None, 2])
+@pytest.mark.parametrize("limit", [None, "_CHUNK_ELEMENTS", "_CPU_CHUNK_ELEMENTS"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_row_token_logps_with_shared_rows_matches_log_softmax(monkeypatch, chunk_rows, dtype):
+def test_row_token_logps_with_shared_rows_matches_log_softmax(monkeypatch, limit, dtype):
     """Rows that predict several tokens (a packed prompt's last position) are normalized
-    once; values and gradients equal a naive log_softmax over gathered rows, chunked or not,
-    and a row no token uses gets a zero gradient."""
+    once; values and gradients equal a naive log_softmax over gathered rows, chunked or not
+    (by the chunk limit of every device, or by the CPU's own), and a row no token uses gets
+    a zero gradient."""
     from looper.losses import sft as sft_mod
 
     V = 11
-    if chunk_rows:
-        monkeypatch.setattr(sft_mod, "_CHUNK_ELEMENTS", chunk_rows * V)  # ragged last chunk of 5 rows
+    if limit:
+        monkeypatch.setattr(sft_mod, limit, 2 * V)  # chunks of 2 rows: a ragged last chunk of 5 rows
+        assert sft_mod._chunk_rows(V, torch.device("cpu")) == 2
     g = torch.Generator().manual_seed(3)
     rows = (torch.randn(5, V, generator=g) * 3).to(dtype)
     index = torch.tensor([0, 1, 1, 3, 4, 4, 4])  # row 2 predicts nothing
