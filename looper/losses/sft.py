@@ -78,24 +78,22 @@ class _RowTokenLogProbs(torch.autograd.Function):
         # gets -softmax(x_r) times the summed gradient of its tokens, plus each token's own.
         row_g = torch.zeros(n, dtype=cdtype, device=x.device).index_add_(0, index, g)
         step = _chunk_rows(v, x.device)
-        if x.dtype == cdtype and n > step:  # chunks written in place, then each token's own term
-            grad_x = torch.empty_like(x)
+        grad_x = torch.empty_like(x)
+        if x.dtype == cdtype:  # chunks written in place, then each token's own term
             for s in range(0, n, step):
                 p = torch.sub(x[s : s + step], lse[s : s + step, None], out=grad_x[s : s + step])
                 p.exp_().mul_(-row_g[s : s + step, None])
             return grad_x.index_put_((index, target), g, accumulate=True), None, None
-        grad_x = None if 0 < n <= step and x.dtype == cdtype else torch.empty_like(x)
+        # a lower precision: each chunk in cdtype, its tokens' own terms added before rounding
         for s in range(0, n, step):
             e = min(n, s + step)
-            p = x[s:e].to(cdtype) - lse[s:e, None]  # a new tensor: x is saved, never written
+            p = x[s:e].to(cdtype) - lse[s:e, None]
             p.exp_().mul_(-row_g[s:e, None])
             if e - s == n:  # one chunk (the usual case): no selection, so no device sync
                 p.index_put_((index, target), g, accumulate=True)
             else:
                 mine = (index >= s) & (index < e)
                 p.index_put_((index[mine] - s, target[mine]), g[mine], accumulate=True)
-            if grad_x is None:
-                return p, None, None
             grad_x[s:e] = p
         return grad_x, None, None
 
