@@ -328,6 +328,8 @@ def test_missing_adapter_is_a_config_error(tmp_path, tiny_model_dir):
 
 
 def test_activation_checkpointing_parity(tiny_model_dir):
+    from looper.loops.common import enable_activation_checkpointing
+
     tok = load_tokenizer(str(tiny_model_dir))
     rows = [tok(t, add_special_tokens=False)["input_ids"][:24] for t in TEXTS[:3]]
     width = min(len(r) for r in rows)
@@ -338,7 +340,7 @@ def test_activation_checkpointing_parity(tiny_model_dir):
     def run(checkpointing: bool):
         model = lora_model(tiny_model_dir)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)  # as shard() does
         model.train()
         calls = []
         for layer in decoder_layers(model):  # count MLP forwards: recomputation runs them again

@@ -58,16 +58,23 @@ def build_policy(cfg: Config, env: dist.DistEnv, path: str, adapter: Optional[st
     return model, tokenizer
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward (non-reentrant), by the name this
+    transformers gives it (``activation_checkpointing_enable`` from 5.24, before that
+    ``gradient_checkpointing_enable``, which 5.25 deprecates)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
 def shard(model, env: dist.DistEnv, activation_checkpointing: bool, compute_dtype: Optional[torch.dtype] = None):
     """Activation checkpointing (optional), then FSDP2 with the mixed precision of
     ``compute_dtype`` (``resolve_dtype(cfg.model.dtype, device)``; None: the device default)."""
     if activation_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+        enable_activation_checkpointing(model)
     model.to(env.device)
     return dist.shard_model(model, decoder_layers(model), env.device, compute_dtype=compute_dtype)
 
