@@ -105,7 +105,9 @@ def _uniforms(seeds: Sequence[int], steps: int) -> torch.Tensor:
 class _PrefixLayer(CacheLayerMixin):
     """One layer's KV cache: the prompt part per question, the generated part per row.
 
-    The prefill stores the prompts' keys and values once, ``[questions, heads, prompt, dim]``,
+    The prefill stores the prompts' values once, ``[questions, heads, prompt, dim]``, and
+    their keys once, transposed (``prompt_kt``, ``[questions, heads, dim, prompt]``: the
+    decode scores are then a product of two row-major matrices, a few percent faster on CPU),
     however many samples share them. Generated tokens go to a buffer allocated once,
     ``[rows, heads, max_new, dim]``, written in place; row ``q * samples + s`` is sample
     ``s`` of question ``q`` until rows are dropped (see ``_DecodeState``).
@@ -118,7 +120,7 @@ class _PrefixLayer(CacheLayerMixin):
     def __init__(self, rows: int, max_new: int):
         super().__init__()
         self.rows, self.max_new = rows, max_new
-        self.prompt_k: Optional[torch.Tensor] = None
+        self.prompt_kt: Optional[torch.Tensor] = None  # [questions, heads, dim, prompt]
         self.prompt_v: Optional[torch.Tensor] = None
         self.length = 0  # generated tokens written
 
@@ -131,9 +133,10 @@ class _PrefixLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self.prompt_k is None:  # prefill: the prompt part, one copy per question
+        if self.prompt_kt is None:  # prefill: the prompt part, one copy per question
             # contiguous, so each decode step reads them without a copy
-            self.prompt_k, self.prompt_v = key_states.contiguous(), value_states.contiguous()
+            self.prompt_kt = key_states.transpose(-1, -2).contiguous()
+            self.prompt_v = value_states.contiguous()
             self.lazy_initialization(key_states, value_states)
             return key_states, value_states
         end = self.length + key_states.shape[-2]
@@ -153,21 +156,21 @@ class _PrefixLayer(CacheLayerMixin):
             setattr(self, name, new)
         self.rows = len(rows)
         if questions is not None:
-            self.prompt_k = self.prompt_k[questions]
+            self.prompt_kt = self.prompt_kt[questions]
             self.prompt_v = self.prompt_v[questions]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
-        prompt = 0 if self.prompt_k is None else self.prompt_k.shape[-2]
+        prompt = 0 if self.prompt_kt is None else self.prompt_kt.shape[-1]
         return prompt + self.length
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
-        self.prompt_k = self.prompt_v = None
+        self.prompt_kt = self.prompt_v = None
         self.length = 0
 
 
@@ -250,7 +253,7 @@ def _prefix_attention(module, query, key, value, attention_mask, scaling=None, d
         qs = q.new_zeros(n_q * s, kv_heads, group, dim)
         qs[state.slot] = q
     qs = qs.view(n_q, s, kv_heads, group, dim).transpose(1, 2).reshape(n_q, kv_heads, s * group, dim)
-    sp = torch.matmul(qs, layer.prompt_k.transpose(-1, -2)).float().add_(state.prompt_bias)
+    sp = torch.matmul(qs, layer.prompt_kt).float().add_(state.prompt_bias)
     mp = sp.amax(dim=-1, keepdim=True)
     ep = sp.sub_(mp).exp_()
     lp = ep.sum(dim=-1, keepdim=True)
@@ -300,14 +303,42 @@ class _use_prefix_attention:
 # --------------------------------------------------------------------------- sampling
 
 
+_CDF_BLOCK = 64  # tokens per block of the two-level inverse CDF
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Per row, the first token whose cumulative probability exceeds ``uniforms[row] * total``.
+
+    Two levels, so that no vocabulary-wide prefix sum is needed (a ``cumsum`` over
+    [rows, vocab] runs at a fraction of a plain sum's speed on CPU): sums of blocks of
+    ``_CDF_BLOCK`` tokens and their prefix sum find the block, then a prefix sum over that
+    block's tokens alone finds the token. Every search target stays below its prefix sum's
+    last value, so a token with zero probability is never picked, even where rounding makes
+    a block's sum exceed the running sum of its tokens.
+    """
+    rows, vocab = probs.shape
+    if vocab % _CDF_BLOCK:  # zero-probability padding to whole blocks
+        probs = torch.nn.functional.pad(probs, (0, -vocab % _CDF_BLOCK))
+    block_cdf = probs.view(rows, -1, _CDF_BLOCK).sum(-1).cumsum(dim=-1)
+    total = block_cdf[:, -1:]
+    target = torch.minimum(uniforms[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    block = torch.searchsorted(block_cdf, target, right=True)
+    before = block_cdf.gather(-1, (block - 1).clamp(min=0)).masked_fill_(block == 0, 0.0)
+    index = block * _CDF_BLOCK + torch.arange(_CDF_BLOCK, device=probs.device)
+    cdf = probs.gather(-1, index).cumsum(dim=-1)
+    last = cdf[:, -1:]
+    within = torch.minimum(target - before, torch.nextafter(last, torch.zeros_like(last)))
+    return index.gather(-1, torch.searchsorted(cdf, within, right=True))[:, 0]
+
+
 def pick_tokens(
     logits: torch.Tensor, temperature: float, top_p: float, uniforms: Optional[torch.Tensor]
 ) -> torch.Tensor:
     """Next token per row: argmax when ``temperature == 0``, else temperature + top-p sampling.
 
-    Sampling inverts the CDF of the (top-p filtered) distribution at ``uniforms[row]``, so
-    each row's choice depends only on its own logits and its own uniform number.
-    Top-p keeps the smallest set of most likely tokens whose mass reaches ``top_p``.
+    Sampling inverts the CDF of the (top-p filtered) distribution at ``uniforms[row]``
+    (``_inverse_cdf``), so each row's choice depends only on its own logits and its own
+    uniform number. Top-p keeps the smallest set of most likely tokens whose mass reaches ``top_p``.
     """
     if temperature <= 0:
         return logits.argmax(dim=-1)
@@ -319,14 +350,10 @@ def pick_tokens(
     if order is not None:
         mass_before = probs.cumsum(dim=-1) - probs
         probs = probs.masked_fill(mass_before >= top_p, 0.0)
-    cdf = probs.cumsum(dim=-1)
-    total = cdf[:, -1:]
-    # below the total, so the pick is never past the last token with non-zero probability
-    target = torch.minimum(uniforms.to(cdf.device)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-    idx = torch.searchsorted(cdf, target, right=True)
+    idx = _inverse_cdf(probs, uniforms.to(probs.device))
     if order is not None:
-        idx = order.gather(-1, idx)
-    return idx[:, 0]
+        idx = order.gather(-1, idx[:, None])[:, 0]
+    return idx
 
 
 # --------------------------------------------------------------------------- planning

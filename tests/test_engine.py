@@ -130,7 +130,7 @@ def test_prefix_attention_matches_sdpa_after_rows_are_dropped():
     keep = torch.tensor([1, 2, 8, 10])  # question 1 loses every row: the prompt part shrinks too
     state.drop_rows(keep)
     layer = cache.layers[0]
-    assert layer.prompt_k.shape[0] == 2 and not state.full
+    assert layer.prompt_kt.shape[0] == 2 and not state.full
     q = torch.randn(len(keep), kv * group, 1, d)
 
     class Module:
@@ -141,7 +141,7 @@ def test_prefix_attention_matches_sdpa_after_rows_are_dropped():
     question = keep // s  # original question of each kept row
     qidx = torch.div(state.slot, s, rounding_mode="floor")  # its index in the shrunk prompt part
     assert qidx.tolist() == [0, 0, 1, 1]
-    keys = torch.cat([layer.prompt_k[qidx], layer.keys[:, :, :g]], dim=2).repeat_interleave(group, dim=1)
+    keys = torch.cat([layer.prompt_kt[qidx].transpose(-1, -2), layer.keys[:, :, :g]], dim=2).repeat_interleave(group, dim=1)
     values = torch.cat([layer.prompt_v[qidx], layer.values[:, :, :g]], dim=2).repeat_interleave(group, dim=1)
     mask = torch.cat([valid[question], torch.ones(len(keep), g, dtype=torch.bool)], dim=1)[:, None, None]
     ref = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=d**-0.5)
@@ -185,6 +185,42 @@ def test_pick_tokens_top_p_and_greedy():
     masked = torch.tensor([[0.0, float("-inf"), 0.0, float("-inf")]])
     assert pick_tokens(masked, 1.0, 1.0, torch.tensor([0.99999994])).item() == 2
 
+
+def test_inverse_cdf_matches_a_flat_cdf_and_never_picks_zero_probability():
+    """The two-level search picks what a flat float64 CDF picks, except within rounding of a
+    boundary; masked tokens (whole blocks and the short last block included) are never picked."""
+    from looper.engine import _CDF_BLOCK, _inverse_cdf
+
+    gen = torch.Generator().manual_seed(0)
+    for vocab in (3, _CDF_BLOCK, 1000, 4 * _CDF_BLOCK + 7):
+        logits = torch.randn(64, vocab, generator=gen) * 3
+        logits[torch.rand(64, vocab, generator=gen) < 0.3] = float("-inf")
+        logits[:8, : min(vocab, 2 * _CDF_BLOCK)] = float("-inf")  # whole leading blocks empty
+        logits[8:16, vocab - min(vocab - 1, _CDF_BLOCK + 3):] = float("-inf")  # trailing blocks empty
+        logits[:, vocab // 2] = 0.0  # no row is empty
+        probs = torch.softmax(logits, dim=-1)
+        u = torch.rand(64, generator=gen)
+        u[:4], u[4:8] = 0.0, 1 - 2.0**-24  # both ends
+        picks = _inverse_cdf(probs, u)
+        assert (probs.gather(-1, picks[:, None]) > 0).all()
+        cdf = probs.double().cumsum(-1)
+        target = u.double() * cdf[:, -1]
+        flat = torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp(max=vocab - 1)
+        hi = cdf.gather(-1, picks[:, None])[:, 0]
+        lo = hi - probs.double().gather(-1, picks[:, None])[:, 0]
+        assert ((lo <= target + 1e-6) & (target <= hi + 1e-6)).all()  # the pick brackets the target
+        near = (cdf - target[:, None]).abs().min(-1).values < 1e-6
+        assert (picks[~near] == flat[~near]).all() and (~near).sum() > 40
+
+    # rounding: where a block's sum exceeds the running sum of its tokens (about a fifth of
+    # random blocks), u near 1 aims past that running sum; the pick stays inside the block
+    blocks = torch.rand(1000, _CDF_BLOCK, generator=gen) ** 8
+    over = (blocks.sum(-1) > blocks.cumsum(-1)[:, -1]).nonzero()[:, 0]
+    assert len(over) > 0
+    probs = torch.zeros(1, 2 * _CDF_BLOCK)
+    probs[0, _CDF_BLOCK:] = blocks[over[0]]
+    pick = _inverse_cdf(probs, torch.tensor([1 - 2.0**-24])).item()
+    assert pick >= _CDF_BLOCK and probs[0, pick] > 0
 
 def test_sample_seed_is_stable():
     assert sample_seed(0, "q1", 0) == sample_seed(0, "q1", 0)
