@@ -30,8 +30,8 @@ as little of it as it can.
   ``max_batch_tokens`` (rows x (longest prompt + max_new_tokens)); left padding with
   per-row position ids.
 - Finished rows leave the batch once a quarter of it is done (and questions with no row
-  left leave the prompt part); greedy decoding runs one row per prompt and copies it to
-  every sample.
+  left leave the prompt part); the generated part is compacted in place. Greedy decoding
+  runs one row per prompt and copies it to every sample.
 
 What it serves: any model whose attention goes through transformers' attention interface
 as plain softmax attention over the context. ``check_supported(model, total_len)`` runs
@@ -102,6 +102,9 @@ def _uniforms(seeds: Sequence[int], steps: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- KV cache
 
 
+_COMPACT_ROWS = 16  # rows moved per copy when finished rows leave the cache
+
+
 class _PrefixLayer(CacheLayerMixin):
     """One layer's KV cache: the prompt part per question, the generated part per row.
 
@@ -148,12 +151,24 @@ class _PrefixLayer(CacheLayerMixin):
         return self.keys[:, :, :end], self.values[:, :, :end]
 
     def select(self, rows: torch.Tensor, questions: Optional[torch.Tensor]) -> None:
-        """Keep generated rows ``rows`` and (if given) prompt questions ``questions``."""
+        """Keep generated rows ``rows`` (strictly ascending) and, if given, prompt questions ``questions``.
+
+        The generated part is compacted in place, ``_COMPACT_ROWS`` rows per copy: row
+        ``rows[i]`` moves to row ``i``. As ``rows`` ascends, no source is overwritten before
+        it is read, and no second buffer is needed (at 128 rows x 512 new tokens, a 7B model's
+        generated part is 34 GB in bf16: a copy would need as much again, at the first drop).
+        """
+        n = len(rows)
+        if n > 1 and bool((rows[1:] <= rows[:-1]).any()):
+            raise ValueError("PrefixCache: the rows to keep must be strictly ascending")
+        moved = (rows != torch.arange(n, device=rows.device)).nonzero()
+        start = int(moved[0, 0]) if len(moved) else n  # rows before it stay where they are
         for name in ("keys", "values"):
-            old = getattr(self, name)
-            new = torch.empty(len(rows), *old.shape[1:], dtype=old.dtype, device=old.device)
-            new[:, :, : self.length] = old[rows, :, : self.length]
-            setattr(self, name, new)
+            buf = getattr(self, name)
+            for i in range(start, n, _COMPACT_ROWS):
+                part = rows[i : i + _COMPACT_ROWS]
+                buf[i : i + len(part), :, : self.length] = buf[part, :, : self.length]
+            setattr(self, name, buf[:n])
         self.rows = len(rows)
         if questions is not None:
             self.prompt_kt = self.prompt_kt[questions]

@@ -148,6 +148,36 @@ def test_prefix_attention_matches_sdpa_after_rows_are_dropped():
     torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-6)
 
 
+
+def test_dropping_rows_compacts_the_cache_in_place(monkeypatch):
+    """Kept rows move up inside the same buffers (no second copy of the generated part), a
+    few at a time, and hold exactly what they held; unordered rows are refused."""
+    import pytest
+
+    import looper.engine as gen
+    from looper.engine import PrefixCache
+
+    monkeypatch.setattr(gen, "_COMPACT_ROWS", 3)  # several copies per drop
+    torch.manual_seed(0)
+    rows, kv, d, p, new = 11, 2, 4, 5, 6
+    cache = PrefixCache(1, rows, new)
+    cache.update(torch.randn(2, kv, p, d), torch.randn(2, kv, p, d), 0)
+    for _ in range(4):
+        cache.update(torch.randn(rows, kv, 1, d), torch.randn(rows, kv, 1, d), 0)
+    layer = cache.layers[0]
+    before = layer.keys[:, :, :4].clone(), layer.values[:, :, :4].clone()
+    pointers = layer.keys.data_ptr(), layer.values.data_ptr()
+    keep = torch.tensor([0, 1, 3, 4, 5, 8, 9, 10])  # rows 0 and 1 stay, the rest move up
+    layer.select(keep, None)
+    assert (layer.keys.data_ptr(), layer.values.data_ptr()) == pointers
+    assert layer.keys.shape[0] == len(keep) == layer.rows
+    assert torch.equal(layer.keys[:, :, :4], before[0][keep])
+    assert torch.equal(layer.values[:, :, :4], before[1][keep])
+    k, v = cache.update(torch.ones(len(keep), kv, 1, d), torch.ones(len(keep), kv, 1, d), 0)  # still writable
+    assert torch.equal(k[:, :, :4], before[0][keep]) and (k[:, :, 4] == 1).all() and (v[:, :, 4] == 1).all()
+    with pytest.raises(ValueError, match="ascending"):
+        layer.select(torch.tensor([2, 1]), None)
+
 def test_out_of_memory_halves_the_batch(model_tok, items, monkeypatch, caplog):
     import looper.engine as gen
 
