@@ -110,7 +110,7 @@ class _PrefixLayer(CacheLayerMixin):
 
     The prefill stores the prompts' values once, ``[questions, heads, prompt, dim]``, and
     their keys once, transposed (``prompt_kt``, ``[questions, heads, dim, prompt]``: the
-    decode scores are then a product of two row-major matrices, a few percent faster on CPU),
+    decode scores are then a product of two row-major matrices, about 2% faster on CPU),
     however many samples share them. Generated tokens go to a buffer allocated once,
     ``[rows, heads, max_new, dim]``, written in place; row ``q * samples + s`` is sample
     ``s`` of question ``q`` until rows are dropped (see ``_DecodeState``).
@@ -334,7 +334,7 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     rows, vocab = probs.shape
     if vocab % _CDF_BLOCK:  # zero-probability padding to whole blocks
         probs = torch.nn.functional.pad(probs, (0, -vocab % _CDF_BLOCK))
-    block_cdf = probs.view(rows, -1, _CDF_BLOCK).sum(-1).cumsum(dim=-1)
+    block_cdf = probs.reshape(rows, -1, _CDF_BLOCK).sum(-1).cumsum(dim=-1)
     total = block_cdf[:, -1:]
     target = torch.minimum(uniforms[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
     block = torch.searchsorted(block_cdf, target, right=True)

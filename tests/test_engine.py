@@ -3,6 +3,7 @@ finished-row compaction, the decode attention, OOM splitting, sampling and batch
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from looper.config import GenerationConfig
@@ -152,8 +153,6 @@ def test_prefix_attention_matches_sdpa_after_rows_are_dropped():
 def test_dropping_rows_compacts_the_cache_in_place(monkeypatch):
     """Kept rows move up inside the same buffers (no second copy of the generated part), a
     few at a time, and hold exactly what they held; unordered rows are refused."""
-    import pytest
-
     import looper.engine as gen
     from looper.engine import PrefixCache
 
