@@ -156,7 +156,8 @@ class _PrefixLayer(CacheLayerMixin):
         The generated part is compacted in place, ``_COMPACT_ROWS`` rows per copy: row
         ``rows[i]`` moves to row ``i``. As ``rows`` ascends, no source is overwritten before
         it is read, and no second buffer is needed (at 128 rows x 512 new tokens, a 7B model's
-        generated part is 34 GB in bf16: a copy would need as much again, at the first drop).
+        generated part is 32 GB in bf16: copying the kept rows into new buffers would need up
+        to 24 GB more at the first drop).
         """
         n = len(rows)
         if n > 1 and bool((rows[1:] <= rows[:-1]).any()):
@@ -169,7 +170,7 @@ class _PrefixLayer(CacheLayerMixin):
                 part = rows[i : i + _COMPACT_ROWS]
                 buf[i : i + len(part), :, : self.length] = buf[part, :, : self.length]
             setattr(self, name, buf[:n])
-        self.rows = len(rows)
+        self.rows = n
         if questions is not None:
             self.prompt_kt = self.prompt_kt[questions]
             self.prompt_v = self.prompt_v[questions]
@@ -321,6 +322,11 @@ class _use_prefix_attention:
 _CDF_BLOCK = 64  # tokens per block of the two-level inverse CDF
 
 
+def _below(target: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """``target``, kept strictly below ``last`` (the last value of a prefix sum searched for it)."""
+    return torch.minimum(target, torch.nextafter(last, torch.zeros_like(last)))
+
+
 def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Per row, the first token whose cumulative probability exceeds ``uniforms[row] * total``.
 
@@ -336,13 +342,12 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
         probs = torch.nn.functional.pad(probs, (0, -vocab % _CDF_BLOCK))
     block_cdf = probs.reshape(rows, -1, _CDF_BLOCK).sum(-1).cumsum(dim=-1)
     total = block_cdf[:, -1:]
-    target = torch.minimum(uniforms[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    target = _below(uniforms[:, None] * total, total)
     block = torch.searchsorted(block_cdf, target, right=True)
     before = block_cdf.gather(-1, (block - 1).clamp(min=0)).masked_fill_(block == 0, 0.0)
     index = block * _CDF_BLOCK + torch.arange(_CDF_BLOCK, device=probs.device)
     cdf = probs.gather(-1, index).cumsum(dim=-1)
-    last = cdf[:, -1:]
-    within = torch.minimum(target - before, torch.nextafter(last, torch.zeros_like(last)))
+    within = _below(target - before, cdf[:, -1:])
     return index.gather(-1, torch.searchsorted(cdf, within, right=True))[:, 0]
 
 

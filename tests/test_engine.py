@@ -149,7 +149,6 @@ def test_prefix_attention_matches_sdpa_after_rows_are_dropped():
     torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-6)
 
 
-
 def test_dropping_rows_compacts_the_cache_in_place(monkeypatch):
     """Kept rows move up inside the same buffers (no second copy of the generated part), a
     few at a time, and hold exactly what they held; unordered rows are refused."""
@@ -176,6 +175,7 @@ def test_dropping_rows_compacts_the_cache_in_place(monkeypatch):
     assert torch.equal(k[:, :, :4], before[0][keep]) and (k[:, :, 4] == 1).all() and (v[:, :, 4] == 1).all()
     with pytest.raises(ValueError, match="ascending"):
         layer.select(torch.tensor([2, 1]), None)
+
 
 def test_out_of_memory_halves_the_batch(model_tok, items, monkeypatch, caplog):
     import looper.engine as gen
@@ -250,6 +250,7 @@ def test_inverse_cdf_matches_a_flat_cdf_and_never_picks_zero_probability():
     probs[0, _CDF_BLOCK:] = blocks[over[0]]
     pick = _inverse_cdf(probs, torch.tensor([1 - 2.0**-24])).item()
     assert pick >= _CDF_BLOCK and probs[0, pick] > 0
+
 
 def test_sample_seed_is_stable():
     assert sample_seed(0, "q1", 0) == sample_seed(0, "q1", 0)
