@@ -105,10 +105,9 @@ def build_inputs(work: str, args) -> dict:
         "sft.log_every=1", "sft.eval_every=0",
     ]
     # TRL's SFT rows: the exact prompt and completion texts looper trains on
-    from looper.config import load_config
     from looper.loops.sft import load_sft_rows
 
-    cfg = load_config(None, spec["looper_sft"] + [f"run.output_dir={work}/unused"])
+    cfg = looper_config("sft", spec, f"{work}/unused")
     trl_rows = os.path.join(work, "trl_sft_rows.jsonl")
     with open(trl_rows, "w") as f:
         for r in load_sft_rows(cfg):
@@ -151,6 +150,13 @@ def looper_work(job: str, out: str) -> dict:
 # --------------------------------------------------------------------------- children
 
 
+def looper_config(job: str, spec: dict, out: str):
+    """The config ``looper <job> <overrides>`` runs: the embedded default under the overrides."""
+    from looper.config import default_config_path, load_config
+
+    return load_config(default_config_path(), spec[f"looper_{job}"] + [f"run.output_dir={out}"])
+
+
 def _load_spec(arg: str) -> tuple[dict, str]:
     path, out = arg.split("#", 1)
     with open(path) as f:
@@ -159,17 +165,17 @@ def _load_spec(arg: str) -> tuple[dict, str]:
 
 def child_looper(job: str, spec: dict, out: str) -> dict:
     """``looper <job>`` in process, with timers: imports, then the loop's own phases. The
-    garbage collector is set as the CLI sets it (``child_main`` freezes it before exit)."""
+    config and the garbage collector are set as the CLI sets them (``child_main`` freezes
+    the collector before exit)."""
     from looper.cli import collect_for_a_command
 
     collect_for_a_command()
     t_imports = time.perf_counter()
-    from looper.config import load_config
     from looper.loops.dpo import train_dpo
     from looper.loops.sft import train_sft
 
     imports = time.perf_counter() - t_imports
-    cfg = load_config(None, spec[f"looper_{job}"] + [f"run.output_dir={out}"])
+    cfg = looper_config(job, spec, out)
     result = (train_dpo if job == "dpo" else train_sft)(cfg)
     return {"imports": imports, **result.phases}
 
