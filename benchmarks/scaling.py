@@ -4,7 +4,11 @@ Runs the stage benchmarks as separate processes, one after another, at ``--facto
 a base size (the size flag each benchmark has):
 
 - SFT: measured optimizer steps (``sft_throughput.py --steps``; 16 rows each), so 1x, 4x,
-  16x the rows;
+  16x the rows, over the first 128 GSM8K-train rows (``--rows 128``: 8 steps an epoch)
+  after one epoch of warm-up. Each size measures whole epochs of the same rows, so every
+  size computes the same tokens per step on average: only the amount of work differs. (Over
+  the whole file, a short run's few steps have their own mix of row lengths, and longer
+  rows cost more per token: attention grows with the length.)
 - DPO: pairs (``dpo_throughput.py --pairs``; one epoch of 8-pair steps);
 - generation: questions (``generation_throughput.py --questions``; 8 samples, 256 tokens);
 - rollouts: questions (``rollout_throughput.py --questions``; K=8, 256 tokens, 1 thread),
@@ -33,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # stage: (script, size flag, base size, extra args, throughput key, MFU key)
 STAGES = {
-    "sft": ("sft_throughput.py", "--steps", 4, ["--warmup", "1"], "tokens_per_s", "mfu"),
+    "sft": ("sft_throughput.py", "--steps", 8, ["--rows", "128", "--warmup", "8"], "tokens_per_s", "mfu"),
     "dpo": ("dpo_throughput.py", "--pairs", 32, [], "tokens_per_s", "mfu"),
     "generation": ("generation_throughput.py", "--questions", 8, ["--skip-baseline", "--rounds", "1"],
                    "engine.tokens_per_s", "decode_efficiency.decode_fraction_of_peak"),
@@ -87,8 +91,8 @@ def main(argv=None) -> dict:
             rows.append({"size": base * f, "throughput": round(float(_get(res, key)), 2),
                          "mfu": round(float(_get(res, mfu_key)), 4) if mfu_key else None})
         ratio = rows[-1]["throughput"] / rows[0]["throughput"]
-        out["stages"][stage] = {"size_flag": flag, "throughput_key": key, "threads": threads, "runs": rows,
-                                "throughput_ratio_largest_to_smallest": round(ratio, 3)}
+        out["stages"][stage] = {"size_flag": flag, "other_args": extra, "throughput_key": key, "threads": threads,
+                                "runs": rows, "throughput_ratio_largest_to_smallest": round(ratio, 3)}
         if ratio < 1 - args.tolerance:
             out["notes"].append(f"{stage}: throughput fell to {ratio:.2f}x from {rows[0]['size']} to {rows[-1]['size']}")
         if stage == "rollouts" and not args.no_ranks:

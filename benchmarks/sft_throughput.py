@@ -62,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10, help="measured optimizer steps")
     p.add_argument("--warmup", type=int, default=2, help="optimizer steps run before measuring")
+    p.add_argument("--rows", type=int, default=None,
+                   help="train on the first N rows only, as many epochs as the steps need (default: all rows, "
+                        "one pass). With N = batch x steps per epoch and whole epochs of warm-up and measured "
+                        "steps, runs of any length measure the same tokens per epoch (scaling.py)")
     p.add_argument("--full", action="store_true", help="full fine-tuning (lora=null)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
@@ -78,6 +82,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- setup
+
+
+def first_rows(source: str | None, n: int, work: str) -> str | None:
+    """A JSONL file of the first ``n`` rows of ``source`` in ``work`` (``None``, the synthetic
+    data, stays ``None``: ``data.synthetic.n_train`` limits it)."""
+    if source is None:
+        return None
+    os.makedirs(work, exist_ok=True)
+    path = os.path.join(work, f"first_{n}_rows.jsonl")
+    with open(source) as f, open(path, "w") as out:
+        lines = [line for line, _ in zip(f, range(n))]
+        if len(lines) < n:
+            raise SystemExit(f"--rows {n}: {source} has only {len(lines)} rows")
+        out.writelines(lines)
+    return path
 
 
 def replay_steps(cfg, model_dir: str, first: int, last: int) -> tuple[list[list[list[tuple[int, int]]]], int]:
@@ -124,14 +143,17 @@ def main(argv=None) -> dict:
     model_dir = ensure_model(args.model_dir, source)
     work = args.work_dir or tempfile.mkdtemp(prefix="looper-bench-sft-")
     n_steps = args.warmup + args.steps
+    train_data = first_rows(source, args.rows, work) if args.rows else source
     overrides = [
         f"run.output_dir={os.path.join(work, 'run')}", "run.progress=false", f"run.device={args.device}",
-        f"model.name_or_path={model_dir}", f"data.train={source if source else 'null'}", "sft.val_size=0",
+        f"model.name_or_path={model_dir}", f"data.train={train_data if train_data else 'null'}", "sft.val_size=0",
         f"data.max_length={args.max_length}", f"sft.batch_size={args.batch_size}",
         f"sft.grad_accum={args.grad_accum}", f"sft.max_steps={n_steps}", "sft.eval_every=0",
         "sft.save_every=0", "sft.log_every=1", "sft.resume=none",
     ]
     overrides += ["lora=null"] if args.full else [f"lora.r={args.lora_r}", f"lora.alpha={2 * args.lora_r}"]
+    if args.rows and not source:
+        overrides += [f"data.synthetic.n_train={args.rows}"]  # max_steps runs past the epoch's end
     cfg = load_config(None, overrides + list(args.overrides))
 
     peak_size = args.peak_size or default_peak_size(device)
@@ -176,6 +198,7 @@ def main(argv=None) -> dict:
         "dtype": "bf16 params, fp32 master/loss" if device.type == "cuda" else "fp32",
         "data": data_note,
         "sequences_per_step": cfg.sft.batch_size * cfg.sft.grad_accum,
+        "rows": args.rows or "all",
         "sequence_length": cfg.data.max_length,
         "warmup_steps": args.warmup,
         "measured_steps": len(step_seconds),
