@@ -44,3 +44,33 @@ def test_generation_flops_by_hand():
     # prefill 2*120*3 + 2*2*8*3*4 = 720 + 384; decode per sample: tokens at context 4 and 5,
     # 2*(2*120) + 4*2*8*(4+5) = 480 + 576 = 1056, times 2 samples
     assert generation_flops([3], 2, 2, n) == {"prefill": 1104, "decode": 2112}
+
+
+def _bench_module(name):
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_sft_first_rows_keeps_the_first_lines_and_refuses_a_short_file(tmp_path):
+    first_rows = _bench_module("sft_throughput").first_rows
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(f'{{"i": {i}}}\n' for i in range(5)))
+    out = first_rows(str(src), 3, str(tmp_path / "work"))
+    assert open(out).read() == '{"i": 0}\n{"i": 1}\n{"i": 2}\n'
+    assert first_rows(None, 3, str(tmp_path / "work")) is None  # synthetic data: n_train limits it
+    with pytest.raises(SystemExit, match="only 5 rows"):
+        first_rows(str(src), 6, str(tmp_path / "work"))
+
+
+def test_sft_scaling_sizes_are_whole_epochs_of_the_same_rows():
+    # each size must measure whole epochs after a whole epoch of warm-up, or the sizes
+    # measure different mixes of row lengths (the fall the scaling table once showed)
+    script, flag, base, extra, _, _ = _bench_module("scaling").STAGES["sft"]
+    assert (script, flag) == ("sft_throughput.py", "--steps")
+    args = _bench_module("sft_throughput").parse_args([*extra, flag, str(base)])
+    steps_per_epoch = args.rows // (args.batch_size * args.grad_accum)
+    assert args.rows % (args.batch_size * args.grad_accum) == 0
+    assert args.warmup % steps_per_epoch == 0 and base % steps_per_epoch == 0
