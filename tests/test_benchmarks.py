@@ -33,25 +33,21 @@ def test_whole_job_and_scaling_scripts_show_their_help(script):
     assert "--threads" in proc.stdout
 
 
-def test_generation_flops_by_hand():
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    try:
-        from generation_throughput import generation_flops
-    finally:
-        sys.path.pop(0)
-    n = {"layers": 2, "hidden": 8, "decoder_linear": 100, "lm_head": 20}  # N = 120
-    # one prompt of 3 tokens, 2 samples, 2 new tokens:
-    # prefill 2*120*3 + 2*2*8*3*4 = 720 + 384; decode per sample: tokens at context 4 and 5,
-    # 2*(2*120) + 4*2*8*(4+5) = 480 + 576 = 1056, times 2 samples
-    assert generation_flops([3], 2, 2, n) == {"prefill": 1104, "decode": 2112}
-
-
 def _bench_module(name):
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
     try:
         return __import__(name)
     finally:
         sys.path.pop(0)
+
+
+def test_generation_flops_by_hand():
+    generation_flops = _bench_module("generation_throughput").generation_flops
+    n = {"layers": 2, "hidden": 8, "decoder_linear": 100, "lm_head": 20}  # N = 120
+    # one prompt of 3 tokens, 2 samples, 2 new tokens:
+    # prefill 2*120*3 + 2*2*8*3*4 = 720 + 384; decode per sample: tokens at context 4 and 5,
+    # 2*(2*120) + 4*2*8*(4+5) = 480 + 576 = 1056, times 2 samples
+    assert generation_flops([3], 2, 2, n) == {"prefill": 1104, "decode": 2112}
 
 
 def test_sft_first_rows_keeps_the_first_lines_and_refuses_a_short_file(tmp_path):
